@@ -1,0 +1,375 @@
+"""CBDP: class-balanced dynamic data pruning, as a plain ``torch.utils.data.Sampler``.
+
+Each epoch drops a share of the samples that are already well learned, judged per organ class, and
+up-weights the kept ones so the expected gradient stays the same. Per-organ thresholds and a per-organ cap
+keep small, hard, rare organs from being starved, which a single global threshold (InfoBatch) allows.
+
+Decisions depend only on (seed, epoch) and the scores, and scores are gathered from every process before
+they are used, so all processes of a distributed run prune identically and shard one common order.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+STRATEGIES = ("none", "random", "infobatch", "cbdp")
+SCORES = ("latest", "ema")
+
+# Random streams, one per purpose; seeds are always (seed, epoch, purpose), since numpy's SeedSequence
+# treats a trailing zero as absent and [s, e] would collide with [s, e, 0].
+_PRUNE, _ORDER, _STATIC = 0, 1, 2
+
+# `random` drops this share of prune_ratio * N: what the dynamic strategies drop when half of the samples
+# are below the mean score (the mean splits a symmetric loss distribution in two).
+_RANDOM_POOL_FRACTION = 0.5
+
+Updates = tuple[np.ndarray, np.ndarray, np.ndarray]  # sample ids, organ indices, losses
+_PENDING_KEYS = ("sample_ids", "organs", "losses")
+
+
+def gather_updates(local: Updates) -> list[Updates]:
+    """This process's pending updates followed by every other process's, in rank order.
+
+    Collective under ``torch.distributed`` with more than one process: all processes must call it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local]
+    gathered: list[Updates | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def _empty_updates() -> Updates:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+
+
+def _concat(parts: Sequence[Updates]) -> Updates:
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def _shard(order: list[int], num_replicas: int, rank: int) -> list[int]:
+    """Pad by repeating from the start to a multiple of num_replicas (as DistributedSampler does), then slice."""
+    if not order:
+        return []
+    total = math.ceil(len(order) / num_replicas) * num_replicas
+    padded = (order * math.ceil(total / len(order)))[:total]
+    return padded[rank::num_replicas]
+
+
+class CBDPSampler(Sampler[int]):
+    """Yields this epoch's kept sample indices (this process's shard); `weight` gives their loss weights.
+
+    Args:
+        sample_organs: ``sample_organs[i]`` lists the organ names of sample ``i`` (the dataset's ``organs``).
+        num_epochs: length of the run; pruning stops from epoch ``anneal * num_epochs`` on.
+        prune_ratio: share of the well-learned samples dropped per epoch, in [0, 1).
+        anneal: fraction of the epochs that may prune, in [0, 1].
+        seed: non-negative seed; with the epoch it fixes every random choice.
+        strategy: ``"none"``, ``"random"`` (a static random subset of ``floor(prune_ratio * N / 2)``
+            samples dropped before the anneal point, weight 1), ``"infobatch"`` (class-agnostic: a sample's
+            score is the mean of its regions' scores, one global mean threshold) or ``"cbdp"`` (per-organ
+            mean thresholds, a per-organ cap).
+        num_replicas, rank: the shard to yield; default to torch.distributed's world size and rank.
+        shuffle: shuffle the kept samples each epoch (else ascending order).
+        score: a region's score is its ``"latest"`` loss or an ``"ema"`` of its losses.
+        ema: the EMA's weight on the old score, in [0, 1).
+
+    A sample is well learned when at least one of its regions is scored and every scored region is below
+    the threshold (regions the collator never emits, e.g. organs under its ``min_pixels``, do not block
+    it). Of the well-learned pool ``floor(prune_ratio * len(pool))`` samples are dropped, chosen at random;
+    the pool's kept members get weight ``1 / (1 - prune_ratio)``, every other kept sample 1, dropped ones 0.
+    Under ``cbdp`` candidates are tried in random order and one whose drop would take any of its organs
+    past ``floor(prune_ratio * n_organ)`` dropped samples is kept instead. Every strategy prunes nothing
+    from the anneal point on.
+    """
+
+    def __init__(
+        self,
+        sample_organs: Iterable[Sequence[str]],
+        num_epochs: int,
+        prune_ratio: float = 0.5,
+        anneal: float = 0.875,
+        seed: int = 0,
+        strategy: str = "cbdp",
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        score: str = "latest",
+        ema: float = 0.9,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if distributed else 1
+        rank = rank if rank is not None else dist.get_rank() if distributed else 0
+        _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema)
+        self.num_epochs, self.prune_ratio, self.anneal, self.seed = num_epochs, prune_ratio, anneal, seed
+        self.strategy, self.num_replicas, self.rank, self.shuffle = strategy, num_replicas, rank, shuffle
+        self.score, self.ema = score, ema
+
+        self._sample_organs, self.organs = _index_organs(sample_organs)
+        self._organ_index = {name: o for o, name in enumerate(self.organs)}
+        n, k = len(self._sample_organs), len(self.organs)
+        self._members = np.zeros((n, k), dtype=bool)
+        for i, organs in enumerate(self._sample_organs):
+            self._members[i, list(organs)] = True
+        self._scores = np.full((n, k), np.nan)
+        self._merged = _empty_updates()  # pending updates already gathered from every process
+        self._local: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []  # this process's, not yet gathered
+        self._pruned_per_epoch: dict[int, int] = {}
+        self.epoch = 0
+        self._plan()
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._sample_organs)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order)  # `_plan` replaces the list, so a running iteration is never changed
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fold in every process's losses since the last call, then plan `epoch`. Collective when distributed."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"set_epoch: epoch must be a non-negative int, got {epoch!r}")
+        self._apply(self._collect())
+        self.epoch = int(epoch)
+        self._plan()
+
+    def update(self, sample_ids, organs: Sequence[str], losses) -> None:
+        """Record per-region losses after a step: region j is organ ``organs[j]`` of sample ``sample_ids[j]``.
+
+        Buffered until the next `set_epoch`. Sample ids are checked here, so pass them on the CPU; losses
+        may stay on the accelerator (detached here, copied once per epoch, so a step never waits on them).
+        Non-finite losses are ignored: a diverged step says nothing about what is learned.
+        """
+        ids = self._ids(sample_ids, "update").reshape(-1)
+        losses = losses.detach() if isinstance(losses, torch.Tensor) else torch.as_tensor(losses, dtype=torch.float64)
+        losses = losses.reshape(-1)
+        if isinstance(organs, str) or not len(ids) == len(organs) == len(losses):
+            count = "a str" if isinstance(organs, str) else len(organs)
+            raise ValueError(
+                f"update: sample_ids, organs and losses must be equal-length sequences, "
+                f"got {len(ids)}, {count}, {len(losses)}"
+            )
+        ids = ids.cpu().numpy()
+        organ_idx = np.array([self._organ_of(i, name) for i, name in zip(ids.tolist(), organs)], dtype=np.int64)
+        self._local.append((ids, organ_idx, losses))
+
+    def weight(self, sample_id: int) -> float:
+        """Loss weight of a sample this epoch: 1 / (1 - prune_ratio) for kept well-learned ones, 1 for
+        other kept ones, 0 for dropped ones."""
+        return float(self._weights[int(self._ids(sample_id, "weight"))])
+
+    def weights(self, sample_ids) -> torch.Tensor:
+        """`weight` for a batch of ids, as a float32 tensor on the ids' device (no device sync for device ids)."""
+        ids = self._ids(sample_ids, "weights")
+        if self._weight_table.device != ids.device:
+            self._weight_table = self._weight_table.to(ids.device)
+        return self._weight_table[ids]
+
+    def epoch_summary(self) -> dict:
+        """What this epoch keeps and drops, per organ, and the samples saved by all epochs planned so far."""
+        pruned = self._weights == 0
+        planned = self.num_samples * len(self._pruned_per_epoch)
+        saved = sum(self._pruned_per_epoch.values())
+        return {
+            "epoch": self.epoch,
+            "strategy": self.strategy,
+            "kept": int((~pruned).sum()),
+            "pruned": int(pruned.sum()),
+            "kept_fraction": float((~pruned).mean()) if self.num_samples else 1.0,
+            "kept_per_organ": dict(zip(self.organs, self._members[~pruned].sum(0).tolist())),
+            "pruned_per_organ": dict(zip(self.organs, self._members[pruned].sum(0).tolist())),
+            "samples_saved": saved,
+            "saved_fraction": saved / planned if planned else 0.0,
+        }
+
+    def state_dict(self) -> dict:
+        """Scores, epoch, pending losses and totals; random choices are re-derived from (seed, epoch).
+
+        Collective when distributed (pending losses of every process are gathered): call it on every process,
+        as ``accelerator.save_state`` does.
+        """
+        self._merged = self._collect()
+        return {
+            "num_samples": self.num_samples,
+            "organs": list(self.organs),
+            "seed": self.seed,
+            "strategy": self.strategy,
+            "epoch": self.epoch,
+            "scores": torch.from_numpy(self._scores.copy()),
+            "pending": {key: torch.from_numpy(a.copy()) for key, a in zip(_PENDING_KEYS, self._merged)},
+            "pruned_per_epoch": dict(self._pruned_per_epoch),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`: the same epoch plan, and the same plans after it."""
+        for key, mine in (("num_samples", self.num_samples), ("organs", list(self.organs)),
+                          ("seed", self.seed), ("strategy", self.strategy)):
+            if key not in state:
+                raise ValueError(f"load_state_dict: state has no {key!r}; not a CBDPSampler state")
+            if state[key] != mine:
+                raise ValueError(f"load_state_dict: state has {key}={state[key]!r}, this sampler {mine!r}")
+        scores = state["scores"].numpy()
+        if scores.shape != self._scores.shape:
+            raise ValueError(f"load_state_dict: scores have shape {tuple(scores.shape)}, expected {self._scores.shape}")
+        self._scores = scores.astype(np.float64)
+        pending = state["pending"]
+        self._merged = tuple(pending[key].numpy().copy() for key in _PENDING_KEYS)
+        self._local = []
+        self._pruned_per_epoch = {int(e): int(n) for e, n in state["pruned_per_epoch"].items()}
+        self.epoch = int(state["epoch"])
+        self._plan()
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _ids(self, sample_ids, where: str) -> torch.Tensor:
+        """Sample ids as an int64 tensor; range-checked when on the CPU (a device check would sync)."""
+        ids = torch.as_tensor(sample_ids)
+        if ids.numel() == 0:
+            return ids.long()
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{where}: sample ids must be integers, got dtype {ids.dtype}")
+        if ids.device.type == "cpu":
+            bad = ids[(ids < 0) | (ids >= self.num_samples)]
+            if bad.numel():
+                raise ValueError(f"{where}: unknown sample id {bad.reshape(-1)[0].item()} "
+                                 f"(dataset has {self.num_samples} samples)")
+        return ids.long()
+
+    def _organ_of(self, sample_id: int, name: str) -> int:
+        organ = self._organ_index.get(name)
+        if organ is None or not self._members[sample_id, organ]:
+            names = [self.organs[o] for o in self._sample_organs[sample_id]]
+            raise ValueError(f"update: sample {sample_id} has no organ {name!r} (its organs: {names})")
+        return organ
+
+    def _collect(self) -> Updates:
+        """Every process's pending updates, the same on all processes; empties the buffers."""
+        local = _empty_updates()
+        if self._local:
+            ids, organs, losses = zip(*self._local)
+            local = (np.concatenate(ids), np.concatenate(organs),
+                     torch.cat([x.to("cpu", torch.float64) for x in losses]).numpy())
+        self._local = []
+        merged = _concat([self._merged, *gather_updates(local)])
+        self._merged = _empty_updates()
+        return merged
+
+    def _apply(self, updates: Updates) -> None:
+        """Fold updates into the scores. A region seen several times counts with its mean loss, summed in a
+        canonical order, so the result does not depend on which process or checkpoint delivered what."""
+        ids, organs, losses = updates
+        finite = np.isfinite(losses)
+        keys, losses = ids[finite] * len(self.organs) + organs[finite], losses[finite]
+        if not len(keys):
+            return
+        order = np.lexsort((losses, keys))
+        unique, inverse = np.unique(keys[order], return_inverse=True)
+        mean = np.bincount(inverse, weights=losses[order]) / np.bincount(inverse)
+        rows, cols = np.divmod(unique, len(self.organs))
+        old = self._scores[rows, cols]
+        if self.score == "ema":
+            mean = np.where(np.isnan(old), mean, self.ema * old + (1 - self.ema) * mean)
+        self._scores[rows, cols] = mean
+
+    def _rng(self, purpose: int, epoch: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, purpose])
+
+    def _share(self, count: float) -> int:
+        """floor(prune_ratio * count), robust to float rounding (0.29 * 100 is 28.999...)."""
+        return int(self.prune_ratio * count + 1e-9)
+
+    def _plan(self) -> None:
+        """Decide this epoch's kept samples, their weights and this process's shard of their order."""
+        n = self.num_samples
+        weights = np.ones(n)
+        dropped: np.ndarray | list[int] = []
+        if self.strategy != "none" and self.epoch < self.anneal * self.num_epochs:
+            if self.strategy == "random":
+                dropped = self._rng(_STATIC).choice(n, self._share(n * _RANDOM_POOL_FRACTION), replace=False)
+            else:
+                pool = self._well_learned()
+                weights[pool] = 1 / (1 - self.prune_ratio)
+                dropped = self._choose_drops(self._rng(_PRUNE, self.epoch).permutation(pool))
+        weights[dropped] = 0
+        kept = np.flatnonzero(weights > 0)
+        if self.shuffle:
+            kept = self._rng(_ORDER, self.epoch).permutation(kept)
+        self._weights = weights
+        self._weight_table = torch.from_numpy(weights.astype(np.float32))
+        self._order = _shard(kept.tolist(), self.num_replicas, self.rank)
+        self._pruned_per_epoch[self.epoch] = len(dropped)
+
+    def _well_learned(self) -> np.ndarray:
+        """Indices of the samples below threshold: per organ under cbdp, one global one under infobatch."""
+        scored = ~np.isnan(self._scores)
+        filled = np.where(scored, self._scores, 0.0)
+        any_scored = scored.any(1)
+        if self.strategy == "infobatch":
+            if not any_scored.any():
+                return np.zeros(0, dtype=np.int64)
+            sample_score = filled.sum(1) / np.maximum(scored.sum(1), 1)
+            return np.flatnonzero(any_scored & (sample_score < sample_score[any_scored].mean()))
+        thresholds = filled.sum(0) / np.maximum(scored.sum(0), 1)
+        above = scored & ~(self._scores < thresholds)
+        return np.flatnonzero(any_scored & ~above.any(1))
+
+    def _choose_drops(self, candidates: np.ndarray) -> list[int]:
+        """The first floor(prune_ratio * len(candidates)) candidates, skipping (under cbdp) any whose drop
+        would take one of its organs past floor(prune_ratio * that organ's sample count)."""
+        quota = self._share(len(candidates))
+        if self.strategy != "cbdp":
+            return candidates[:quota].tolist()
+        room = [self._share(c) for c in self._members.sum(0).tolist()]
+        dropped: list[int] = []
+        for i in candidates.tolist():
+            if len(dropped) == quota:
+                break
+            organs = self._sample_organs[i]
+            if all(room[o] > 0 for o in organs):
+                for o in organs:
+                    room[o] -= 1
+                dropped.append(i)
+        return dropped
+
+
+def _index_organs(sample_organs: Iterable[Sequence[str]]) -> tuple[list[tuple[int, ...]], tuple[str, ...]]:
+    """Organ indices per sample, and the sorted organ vocabulary they index. Reads the rows once (a
+    ``datasets`` column is read from Arrow on every pass)."""
+    if isinstance(sample_organs, str) or not isinstance(sample_organs, Iterable):
+        raise TypeError(f"sample_organs must be a sequence of organ-name lists, got {type(sample_organs).__name__}")
+    rows = list(sample_organs)
+    for i, organs in enumerate(rows):
+        if isinstance(organs, str) or not all(isinstance(name, str) for name in organs):
+            raise TypeError(f"sample_organs[{i}] must be a list of organ names (str), got {organs!r}")
+    vocabulary = tuple(sorted({name for organs in rows for name in organs}))
+    index = {name: o for o, name in enumerate(vocabulary)}
+    return [tuple(sorted({index[name] for name in organs})) for organs in rows], vocabulary
+
+
+def _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema) -> None:
+    if not isinstance(num_epochs, int) or num_epochs < 1:
+        raise ValueError(f"num_epochs must be a positive int, got {num_epochs!r}")
+    if not 0 <= prune_ratio < 1:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
+    if not 0 <= anneal <= 1:
+        raise ValueError(f"anneal must be in [0, 1], got {anneal!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
+    if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
+    if not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {ema!r}")

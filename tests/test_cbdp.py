@@ -1,0 +1,295 @@
+"""CBDPSampler: exact pruning properties, determinism, resume, edge-case datasets, workers, sharding."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import dist_cbdp_script
+from sam_peft.pruning import STRATEGIES, CBDPSampler
+
+
+def score(sampler: CBDPSampler, organs: list[list[str]], losses: dict[tuple[int, str], float]) -> None:
+    """Report losses[(sample, organ)] for every listed region, as a trainer would after its steps."""
+    keys = [(i, o) for i in range(len(organs)) for o in organs[i] if (i, o) in losses]
+    sampler.update([i for i, _ in keys], [o for _, o in keys], [losses[k] for k in keys])
+
+
+def scored_sampler(organs, losses, epoch=1, **kwargs) -> CBDPSampler:
+    sampler = CBDPSampler(organs, **{"num_epochs": 8, **kwargs})
+    score(sampler, organs, losses)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def kept(sampler: CBDPSampler) -> set[int]:
+    return {i for i in range(sampler.num_samples) if sampler.weight(i) > 0}
+
+
+LIVER = [["liver"]] * 20
+LIVER_LOSSES = {(i, "liver"): float(i) for i in range(20)}  # mean 9.5: samples 0..9 are well learned
+ORGANS = [["liver", "kidney"], ["liver"], ["spleen"], ["kidney", "spleen", "pancreas"]] * 6
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_single_organ_kept_fraction_and_weights(ratio):
+    sampler = scored_sampler(LIVER, LIVER_LOSSES, prune_ratio=ratio)
+    dropped = set(range(20)) - kept(sampler)
+    assert len(dropped) == int(ratio * 10) and dropped <= set(range(10))
+    assert sorted(sampler) == sorted(kept(sampler)) and len(sampler) == 20 - len(dropped)
+    for i in range(20):
+        expected = 0.0 if i in dropped else 1 / (1 - ratio) if i < 10 else 1.0
+        assert sampler.weight(i) == pytest.approx(expected)
+    assert torch.allclose(sampler.weights(torch.arange(20)), torch.tensor([sampler.weight(i) for i in range(20)]))
+    summary = sampler.epoch_summary()
+    assert summary["kept"] == 20 - len(dropped) and summary["pruned_per_organ"] == {"liver": len(dropped)}
+    assert summary["kept_fraction"] == pytest.approx(1 - len(dropped) / 20)
+    assert summary["samples_saved"] == len(dropped)  # epoch 0 had no scores, so pruned nothing
+
+
+def test_takes_the_organs_column_of_a_prepared_dataset():
+    column = datasets.Dataset.from_dict({"organs": ORGANS})["organs"]
+    sampler = CBDPSampler(column, num_epochs=4)
+    assert sampler.organs == ("kidney", "liver", "pancreas", "spleen") and sampler.num_samples == len(ORGANS)
+    sampler.update([3, 3], ["pancreas", "spleen"], [0.1, 0.2])
+
+
+def test_unscored_and_organless_samples_are_never_pruned():
+    organs = LIVER + [[]] * 5
+    losses = {k: v for k, v in LIVER_LOSSES.items() if k[0] >= 4}  # samples 0..3 never scored
+    sampler = scored_sampler(organs, losses)
+    assert set(range(4)) | set(range(20, 25)) <= kept(sampler)
+    assert all(sampler.weight(i) == 1.0 for i in [0, 1, 2, 3, 20, 24])
+    assert sampler.epoch_summary()["pruned"] == int(0.5 * 8)  # pool: samples 4..11, below the mean 11.5
+
+
+def test_non_finite_losses_are_ignored():
+    sampler = CBDPSampler(LIVER, num_epochs=8)
+    score(sampler, LIVER, LIVER_LOSSES)
+    sampler.update([0, 19], ["liver", "liver"], [float("nan"), float("inf")])
+    sampler.set_epoch(1)
+    assert sampler.epoch_summary()["pruned"] == 5
+
+
+def test_per_organ_cap_redirects_drops():
+    # 18 of 20 samples are well learned under either threshold rule; infobatch drops 9 of them with no
+    # regard to organ, so one organ loses more than half its 10 samples for some seeds. CBDP never does.
+    organs = [["rare"]] * 10 + [["common"]] * 10
+    losses = {(i, organs[i][0]): 9.0 if i in (0, 10) else 0.0 for i in range(20)}
+    exceeded = 0
+    for seed in range(40):
+        capped = scored_sampler(organs, losses, seed=seed).epoch_summary()
+        assert capped["pruned"] == 9 and max(capped["pruned_per_organ"].values()) <= 5
+        uncapped = scored_sampler(organs, losses, seed=seed, strategy="infobatch").epoch_summary()
+        assert uncapped["pruned"] == 9
+        exceeded += max(uncapped["pruned_per_organ"].values()) > 5
+    assert exceeded > 0
+
+
+def test_cbdp_keeps_a_rare_hard_organ_that_infobatch_dilutes():
+    # 80 samples of an easy common organ; 20 also hold a rare hard organ, beside a perfectly learned common
+    # region. Averaged over the sample (infobatch), the hard region hides below the global mean.
+    organs = [["common"]] * 80 + [["common", "rare"]] * 20
+    losses = {(i, "common"): (0.6, 1.0)[i % 2] for i in range(80)}
+    losses |= {(i, "common"): 0.0 for i in range(80, 100)} | {(i, "rare"): (0.7, 0.9)[i % 2] for i in range(80, 100)}
+    rare = set(range(80, 100))
+    rates = {}
+    for strategy in ("infobatch", "cbdp"):
+        plans = [kept(scored_sampler(organs, losses, seed=seed, strategy=strategy)) for seed in range(10)]
+        rates[strategy] = sum(len(plan & rare) for plan in plans) / (10 * len(rare))
+        if strategy == "cbdp":  # rare regions above their organ's mean are never dropped
+            assert all({i for i in rare if i % 2} <= plan for plan in plans)
+    assert rates["cbdp"] > rates["infobatch"] + 0.1
+
+
+def test_random_is_a_static_subset():
+    sampler = CBDPSampler(LIVER, num_epochs=4, strategy="random", anneal=0.5)
+    plans = []
+    for epoch in range(4):
+        score(sampler, LIVER, LIVER_LOSSES if epoch % 2 else {k: -v for k, v in LIVER_LOSSES.items()})
+        sampler.set_epoch(epoch)
+        plans.append(kept(sampler))
+        assert all(sampler.weight(i) == 1.0 for i in plans[-1])
+    assert plans[0] == plans[1] and len(plans[0]) == 20 - int(0.5 * 20 / 2)
+    assert plans[2] == plans[3] == set(range(20))
+
+
+def test_annealing():
+    sampler = CBDPSampler(LIVER, num_epochs=7, anneal=0.5)  # prunes in epochs 0..3 (< 3.5)
+    for epoch in range(7):
+        score(sampler, LIVER, LIVER_LOSSES)
+        sampler.set_epoch(epoch)
+        summary = sampler.epoch_summary()
+        assert summary["pruned"] == (5 if epoch <= 3 else 0)
+        if epoch >= 4:
+            assert len(sampler) == 20 and sampler.weights(range(20)).eq(1).all()
+    assert sampler.epoch_summary()["samples_saved"] == 20
+    assert sampler.epoch_summary()["saved_fraction"] == pytest.approx(20 / (7 * 20))
+
+
+def test_ema_scores_remember_past_losses():
+    organs = [["liver"]] * 4
+    plans = {}
+    for mode in ("latest", "ema"):
+        sampler = CBDPSampler(organs, num_epochs=8, score=mode)
+        for epoch, first in enumerate((10.0, 0.0)):
+            score(sampler, organs, {(0, "liver"): first} | {(i, "liver"): 1.0 for i in (1, 2, 3)})
+            sampler.set_epoch(epoch + 1)
+        plans[mode] = sampler.weight(0)
+    # latest: sample 0 is now the best (pool member, weight 2); ema: 0.9 * 10 + 0.1 * 0 keeps it hard.
+    assert plans == {"latest": 2.0, "ema": 1.0}
+
+
+def run_epochs(sampler, organs, epochs, rng_seed=0, reverse=False):
+    """Per epoch: set_epoch, then score every sample of the epoch with seeded losses; the plans seen."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    seen = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        seen.append((list(sampler), sampler.weights(range(len(organs))).tolist(), sampler.epoch_summary()))
+        regions = [(i, o) for i in sampler for o in organs[i]]
+        losses = torch.rand(len(regions), generator=gen).tolist()
+        if reverse:  # same losses, delivered in the opposite order
+            regions, losses = regions[::-1], losses[::-1]
+        sampler.update([i for i, _ in regions], [o for _, o in regions], losses)
+    return seen
+
+
+def test_deterministic_for_seed_and_epoch():
+    first = run_epochs(CBDPSampler(ORGANS, num_epochs=6, seed=1), ORGANS, range(6))
+    assert run_epochs(CBDPSampler(ORGANS, num_epochs=6, seed=1), ORGANS, range(6), reverse=True) == first
+    assert any(s["pruned"] for _, _, s in first)
+    other_seed = run_epochs(CBDPSampler(ORGANS, num_epochs=6, seed=2), ORGANS, range(6))
+    assert [order for order, _, _ in other_seed] != [order for order, _, _ in first]
+    assert first[0][0] != first[1][0]  # a new order each epoch
+
+
+@pytest.mark.parametrize("score_mode", ["latest", "ema"])
+def test_resume_yields_the_same_sequence(tmp_path, score_mode):
+    def make():
+        return CBDPSampler(ORGANS, num_epochs=6, seed=4, score=score_mode)
+
+    def plans(extra_losses: bool, checkpoint: Path | None = None):
+        sampler = make()
+        seen = run_epochs(sampler, ORGANS, range(3))
+        if extra_losses:  # pending at the checkpoint: they must travel with it
+            score(sampler, ORGANS, {(i, o): 50.0 for i in range(4) for o in ORGANS[i]})
+        if checkpoint is not None:  # mid-run: epoch 2 planned, its losses not yet folded in
+            torch.save(sampler.state_dict(), checkpoint)
+            resumed = make()
+            resumed.load_state_dict(torch.load(checkpoint))
+            assert list(resumed) == list(sampler) and resumed.epoch_summary() == sampler.epoch_summary()
+            sampler = resumed
+        return seen + run_epochs(sampler, ORGANS, range(3, 6))
+
+    assert plans(True, tmp_path / "sampler.pt") == plans(True) != plans(False)
+
+
+def test_load_state_dict_rejects_another_run():
+    state = CBDPSampler(ORGANS, num_epochs=6, seed=4).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        CBDPSampler(ORGANS, num_epochs=6, seed=5).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_samples"):
+        CBDPSampler(ORGANS[:-1], num_epochs=6, seed=4).load_state_dict(state)
+
+
+def test_empty_dataset():
+    sampler = CBDPSampler([], num_epochs=2, num_replicas=2, rank=1)
+    sampler.update([], [], [])
+    sampler.set_epoch(1)
+    assert len(sampler) == 0 and list(sampler) == [] and sampler.weights([]).numel() == 0
+    summary = sampler.epoch_summary()
+    assert summary["kept"] == summary["pruned"] == 0 and summary["kept_fraction"] == 1.0
+    assert summary["kept_per_organ"] == {}
+
+
+def test_single_sample_dataset():
+    sampler = CBDPSampler([["liver"]], num_epochs=4, num_replicas=2, rank=1)
+    for epoch in range(4):
+        sampler.update([0], ["liver"], [0.5])
+        sampler.set_epoch(epoch)
+        assert list(sampler) == [0] and sampler.weight(0) == 1.0  # padded: both processes get sample 0
+
+
+def test_sharded_by_rank_in_one_process():
+    organs = ORGANS + [["liver"]]  # 25 samples
+    shards = [scored_sampler(organs, {(i, o): float(i % 7) for i in range(25) for o in organs[i]},
+                             num_replicas=3, rank=r) for r in range(3)]
+    plan = kept(shards[0])
+    assert 0 < len(plan) < 25 and all(kept(s) == plan for s in shards)
+    orders = [list(s) for s in shards]
+    assert len({len(o) for o in orders}) == 1 and set().union(*orders) == plan
+    assert sum(map(len, orders)) - len(plan) == -len(plan) % 3  # repeats only as padding
+
+
+def test_dataloader_with_workers():
+    losses = {(i, o): float(i % 5) for i in range(len(ORGANS)) for o in ORGANS[i]}
+    sampler = scored_sampler(ORGANS, losses)
+    loader = DataLoader(TensorDataset(torch.arange(len(ORGANS))), batch_size=4, sampler=sampler, num_workers=2)
+    batches = [ids for (ids,) in loader]
+    assert torch.cat(batches).tolist() == list(sampler) and len(sampler) < len(ORGANS)
+    assert all(sampler.weights(ids).gt(0).all() for ids in batches)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prune_ratio": 1.0}, "prune_ratio"),
+        ({"prune_ratio": -0.1}, "prune_ratio"),
+        ({"anneal": 1.5}, "anneal"),
+        ({"strategy": "fast"}, "none, random, infobatch, cbdp"),
+        ({"num_epochs": 0}, "num_epochs"),
+        ({"seed": -1}, "seed"),
+        ({"num_replicas": 2, "rank": 2}, "rank"),
+        ({"score": "max"}, "latest, ema"),
+        ({"ema": 1.0}, "ema"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CBDPSampler(LIVER, **{"num_epochs": 4, **kwargs})
+
+
+def test_bad_updates():
+    sampler = CBDPSampler(ORGANS, num_epochs=4)
+    with pytest.raises(ValueError, match="equal-length.*2, 1, 2"):
+        sampler.update([0, 1], ["liver"], [0.1, 0.2])
+    with pytest.raises(ValueError, match="unknown sample id 24"):
+        sampler.update([0, 24], ["liver", "liver"], [0.1, 0.2])
+    with pytest.raises(ValueError, match="sample 1 has no organ 'kidney'"):
+        sampler.update([1], ["kidney"], [0.1])
+    with pytest.raises(ValueError, match="integers"):
+        sampler.update([0.5], ["liver"], [0.1])
+    with pytest.raises(ValueError, match="unknown sample id -1"):
+        sampler.weight(-1)
+    with pytest.raises(TypeError, match=r"sample_organs\[1\]"):
+        CBDPSampler([["liver"], "liver"], num_epochs=4)
+    assert STRATEGIES == ("none", "random", "infobatch", "cbdp")
+
+
+@pytest.mark.slow
+def test_distributed_shards_under_accelerate(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", dist_cbdp_script.__file__, str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["num_processes"] for r in ranks] == [r["num_replicas"] for r in ranks] == [2, 2]
+
+    # One process fed every sample's losses, with no checkpoint: the decisions two processes must agree on.
+    alone = dist_cbdp_script.run(lambda: dist_cbdp_script.make_sampler(num_replicas=1, rank=0))
+    for epoch, (a, b, single) in enumerate(zip(ranks[0]["records"], ranks[1]["records"], alone)):
+        assert a["summary"] == b["summary"] == single["summary"], f"epoch {epoch}"
+        assert a["kept"] == b["kept"] == single["kept"]
+        assert len(a["order"]) == len(b["order"]) and set(a["order"]) | set(b["order"]) == set(a["kept"])
+        assert len(a["order"]) + len(b["order"]) - len(a["kept"]) == len(a["kept"]) % 2
+    summaries = [a["summary"] for a in ranks[0]["records"]]
+    assert summaries[0]["pruned"] == 0 and summaries[-1]["pruned"] == 0  # nothing scored yet; annealed
+    assert all(s["pruned"] > 0 for s in summaries[1:-1])
