@@ -43,16 +43,27 @@ def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
+def _decode(model, embeddings, points, labels, mask_inputs, size, multimask: bool):
+    """decode_regions, with logits resized to the targets' side (a no-op for real SAM-family models,
+    whose decoder output is already 256x256; tiny test models decode at a smaller side)."""
+    logits, iou_pred = decode_regions(model, embeddings, points, labels, mask_inputs, multimask_output=multimask)
+    if logits.shape[-1] != size:
+        logits = F.interpolate(logits.flatten(1, 2), size=(size, size), mode="bilinear",
+                               align_corners=False).unflatten(1, logits.shape[1:3])
+    return logits, iou_pred
+
+
 def _round(model, embeddings, points, labels, mask_inputs, targets, multimask: bool):
     """One decoder pass -> (chosen logits, per-region loss). With `multimask`, single-click regions take
     the best of 3 masks for the loss (SAM's recipe) and the IoU head's choice for the next round."""
-    logits, iou_pred = decode_regions(model, embeddings, points, labels, mask_inputs, multimask_output=False)
+    size = targets.shape[-1]
+    logits, iou_pred = _decode(model, embeddings, points, labels, mask_inputs, size, multimask=False)
     logits, iou_pred = logits[:, :, 0], iou_pred[:, :, 0]
     loss = segmentation_loss(logits.float(), targets)
     iou_true = hard_iou(logits, targets)
     iou_loss = (iou_pred.float() - iou_true).square()
     if multimask:
-        multi_logits, multi_iou = decode_regions(model, embeddings, points, labels, mask_inputs, multimask_output=True)
+        multi_logits, multi_iou = _decode(model, embeddings, points, labels, mask_inputs, size, multimask=True)
         multi_targets = targets[:, :, None].expand_as(multi_logits)
         multi_loss = segmentation_loss(multi_logits.float(), multi_targets)
         multi_iou_true = hard_iou(multi_logits, multi_targets)
@@ -117,8 +128,16 @@ def _forward_regions(model, batch, regions: slice, rounds, image_embeddings, ran
             click_label = torch.where(click_label == PERFECT, PAD_LABEL, click_label)
             points = torch.cat([points, ((click + 0.5) * scale - 0.5)[:, :, None]], dim=2)
             labels = torch.cat([labels, click_label[:, :, None]], dim=2)
-            mask_inputs = logits.detach()
+            mask_inputs = _mask_prompt(model, logits.detach())
     return total, logits
+
+
+def _mask_prompt(model, logits: torch.Tensor) -> torch.Tensor:
+    """Previous logits at the side the prompt encoder takes (4x the embedding side: 256 for SAM models)."""
+    side = 4 * sam_of(model).config.prompt_encoder_config.image_embedding_size
+    if logits.shape[-1] == side:
+        return logits
+    return F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
 
 
 class PHPGStep(nn.Module):

@@ -1,0 +1,48 @@
+"""Frozen-encoder mode: image embeddings computed once, cached on disk, then looked up by sample id.
+
+The image encoder is most of a step's cost; when only decoder adapters train, its output never changes,
+so it is computed once per (model weights, dataset, processor) and memory-mapped afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from ..models.decoding import encode_images
+from ..models.lora import base_fingerprint
+from ..models.processor import SamInputProcessor
+
+
+def cache_key(model, dataset: Dataset, processor: SamInputProcessor) -> str:
+    text = json.dumps([base_fingerprint(model), dataset._fingerprint, len(dataset), processor.to_dict()])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@torch.inference_mode()
+def image_embeddings(
+    model, dataset: Dataset, processor: SamInputProcessor, cache_dir: str | Path,
+    batch_size: int = 8, device: torch.device | str = "cpu", progress: bool = True,
+) -> torch.Tensor:
+    """(N, C, h, w) float16 embeddings of every row's `image`, from `cache_dir` when already computed."""
+    path = Path(cache_dir) / f"embeddings-{cache_key(model, dataset, processor)}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path, mmap_mode="r"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = dataset.with_format("numpy")
+    chunks = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="caching image embeddings", disable=not progress):
+        rows = images[start:start + batch_size]["image"]
+        pixels = torch.stack([processor.preprocess(np.asarray(im, dtype=np.uint8)) for im in rows]).to(device)
+        chunks.append(encode_images(model, pixels).to("cpu", torch.float16).numpy())
+    array = np.concatenate(chunks)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return torch.from_numpy(array)
