@@ -8,6 +8,8 @@ blob, which is nearly always the largest one.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 PERFECT = -10  # label of a region whose prediction is already exact (HF SAM's "padding point" label)
@@ -36,8 +38,13 @@ def distance_transform(mask: torch.Tensor) -> torch.Tensor:
     ys = torch.arange(h, device=mask.device)
     to_border = torch.minimum(ys + 1, h - ys).float().square()[:, None]
     d2 = torch.minimum(g2, to_border)
-    # Every pixel is within (min(h, w) + 1) // 2 of the padded border, so no farther row offset can win.
-    for dy in range(1, min((min(h, w) + 1) // 2, h - 1) + 1):
+    # Every pixel is within (min(h, w) + 1) // 2 of the padded border, so no farther row offset can win;
+    # nor can an offset dy with dy^2 > max(g2), since d2 <= g2 already. That second, data-dependent bound
+    # needs a host read, so it is used on the CPU only (on an accelerator the loop stays sync-free).
+    last = min((min(h, w) + 1) // 2, h - 1)
+    if mask.device.type == "cpu" and g2.numel():
+        last = min(last, math.isqrt(int(g2.max())))
+    for dy in range(1, last + 1):
         d2[:, dy:].clamp_(max=g2[:, :-dy] + dy * dy)
         d2[:, :-dy].clamp_(max=g2[:, dy:] + dy * dy)
     return d2.sqrt().reshape(*lead, h, w)

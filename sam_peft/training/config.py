@@ -69,7 +69,7 @@ class TrainConfig:
             hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
                      for k in unknown]
             raise ValueError(f"unknown config keys: {', '.join(hints)}")
-        config = cls(**values)
+        config = cls(**{key: _number(key, value, cls.__dataclass_fields__[key].type) for key, value in values.items()})
         config.validate()
         return config
 
@@ -119,3 +119,13 @@ class TrainConfig:
                 f"{pruned_epochs} epoch(s) before annealing: the first epoch only scores samples, so nothing "
                 "would be pruned. Raise epochs or anneal, or set pruning: none"
             )
+
+
+def _number(key: str, value, annotation: str):
+    """YAML 1.1 reads `1e-4` as a string: coerce strings for numeric settings, with a clear error."""
+    if not isinstance(value, str) or not any(t in annotation for t in ("float", "int")):
+        return value
+    try:
+        return float(value) if "float" in annotation else int(value)
+    except ValueError:
+        raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from None

@@ -3,8 +3,9 @@
 Round 0 decodes every region from its simulated-human prompt; each later round adds one corrective click
 per region (`next_clicks`, where the prediction is wrong) and feeds the previous low-res logits back as
 that region's mask prompt. Every round is supervised (Dice + BCE on low-res logits) and the IoU head
-learns to predict the IoU actually achieved. Everything stays batched on the device: no per-region loop
-and no host sync. `regions_per_forward=1` turns the same code into the segment-single-region baseline.
+learns to predict the IoU actually achieved. Everything stays batched on the device, with no per-region
+loop; the only host reads are the few integers `decode_regions` needs to group regions by prompt length.
+`regions_per_forward=1` turns the same code into the segment-single-region baseline.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.decoding import PAD_LABEL, decode_regions, encode_images, is_single_click, sam_of
+from ..models.decoding import PAD_LABEL, decode_regions, encode_images, sam_of
 from ..prompts.clicks import PERFECT, next_clicks
 
 
@@ -43,36 +44,28 @@ def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
-def _decode(model, embeddings, points, labels, mask_inputs, size, multimask: bool):
-    """decode_regions, with logits resized to the targets' side (a no-op for real SAM-family models,
-    whose decoder output is already 256x256; tiny test models decode at a smaller side)."""
-    logits, iou_pred = decode_regions(model, embeddings, points, labels, mask_inputs, multimask_output=multimask)
+def _decode(model, embeddings, points, labels, mask_inputs, size):
+    """decode_regions (multimask for single clicks), logits resized to the targets' side: a no-op for real
+    SAM-family models, whose decoder output is already 256x256; tiny test models decode at a smaller side."""
+    logits, iou_pred = decode_regions(model, embeddings, points, labels, mask_inputs, multimask_output="auto")
     if logits.shape[-1] != size:
         logits = F.interpolate(logits.flatten(1, 2), size=(size, size), mode="bilinear",
                                align_corners=False).unflatten(1, logits.shape[1:3])
     return logits, iou_pred
 
 
-def _round(model, embeddings, points, labels, mask_inputs, targets, multimask: bool):
-    """One decoder pass -> (chosen logits, per-region loss). With `multimask`, single-click regions take
-    the best of 3 masks for the loss (SAM's recipe) and the IoU head's choice for the next round."""
-    size = targets.shape[-1]
-    logits, iou_pred = _decode(model, embeddings, points, labels, mask_inputs, size, multimask=False)
-    logits, iou_pred = logits[:, :, 0], iou_pred[:, :, 0]
-    loss = segmentation_loss(logits.float(), targets)
-    iou_true = hard_iou(logits, targets)
-    iou_loss = (iou_pred.float() - iou_true).square()
-    if multimask:
-        multi_logits, multi_iou = _decode(model, embeddings, points, labels, mask_inputs, size, multimask=True)
-        multi_targets = targets[:, :, None].expand_as(multi_logits)
-        multi_loss = segmentation_loss(multi_logits.float(), multi_targets)
-        multi_iou_true = hard_iou(multi_logits, multi_targets)
-        chosen = multi_iou.argmax(-1)
-        chosen_logits = torch.take_along_dim(multi_logits, chosen[:, :, None, None, None], dim=2)[:, :, 0]
-        single = is_single_click(labels)
-        logits = torch.where(single[..., None, None], chosen_logits, logits)
-        loss = torch.where(single, multi_loss.min(-1).values, loss)
-        iou_loss = torch.where(single, (multi_iou.float() - multi_iou_true).square().mean(-1), iou_loss)
+def _round(model, embeddings, points, labels, mask_inputs, targets):
+    """One decoder pass -> (chosen logits, per-region loss).
+
+    Single-click regions get SAM's three candidates: the loss takes the best of them (SAM's recipe) and the
+    next round continues from the IoU head's choice; the IoU head learns the IoU each candidate achieved.
+    """
+    logits, iou_pred = _decode(model, embeddings, points, labels, mask_inputs, targets.shape[-1])
+    expanded = targets[:, :, None].expand_as(logits)
+    loss = segmentation_loss(logits.float(), expanded).min(-1).values
+    iou_loss = (iou_pred.float() - hard_iou(logits, expanded)).square().mean(-1)
+    chosen = iou_pred.argmax(-1)
+    logits = torch.take_along_dim(logits, chosen[:, :, None, None, None], dim=2)[:, :, 0]
     return logits, loss + iou_loss
 
 
@@ -121,7 +114,7 @@ def _forward_regions(model, batch, regions: slice, rounds, image_embeddings, ran
     scale = sam_of(model).prompt_encoder.input_image_size / targets.shape[-1]  # low-res -> model-input pixels
     mask_inputs, total = None, 0.0
     for r in range(rounds):
-        logits, loss = _round(model, embeddings, points, labels, mask_inputs, targets, multimask=(r == 0))
+        logits, loss = _round(model, embeddings, points, labels, mask_inputs, targets)
         total = total + loss
         if r + 1 < rounds:
             click, click_label = next_clicks(logits.detach() > 0, targets, random=random_clicks, generator=generator)

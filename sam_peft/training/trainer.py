@@ -152,7 +152,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     done = False
     while progress.epoch < config.epochs and not done:
         epoch = progress.epoch
-        sampler.set_epoch(epoch)
+        if progress.batch == 0:  # mid-epoch, a resumed sampler already holds this epoch's plan
+            sampler.set_epoch(epoch)
         collator.set_epoch(epoch)
         full_order = list(sampler)
         n_batches = math.ceil(len(full_order) / config.batch_size)
