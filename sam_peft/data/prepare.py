@@ -307,7 +307,7 @@ def _check_image(image: Volume) -> None:
         raise ValueError(f"{image.path}: every voxel is {low}; the image is empty")
 
 
-def _to_unit_range(array: np.ndarray, options: PrepareOptions) -> tuple[np.ndarray, str]:
+def to_unit_range(array: np.ndarray, options: PrepareOptions) -> tuple[np.ndarray, str]:
     """Intensities scaled to [0, 255] (float32) and the modality that decided how."""
     modality = options.modality
     if modality == "auto":
@@ -338,7 +338,7 @@ def _plane_stack(array: np.ndarray, plane: str) -> np.ndarray:
 def _slice_case(case_id: str, image: Volume, label: Volume, options: PrepareOptions) -> _CaseResult:
     _check_image(image)
     image, label = _match_grids(image, label)
-    scaled, modality = _to_unit_range(image.array, options)
+    scaled, modality = to_unit_range(image.array, options)
     planes = options.planes if image.array.shape[0] > 1 else ("axial",)  # a 2D image has one plane
     rows = []
     for plane in planes:

@@ -1,0 +1,223 @@
+"""`predict_volume`: segment organs in a CT / MR volume from a few prompts, slice by slice.
+
+The volume (NIfTI file or DICOM series) is reoriented to the display orientation of prepared slices and
+windowed as `prepare` does, so the model sees what it was trained on. Prompts live in that frame: `z` is
+the axial slice index from inferior to superior (a prepared slice's `slice_index`), `x` the column
+(patient right -> left) and `y` the row (anterior -> posterior). Each prompted slice is segmented, and its
+mask's bounding box, slightly enlarged, prompts the next slice in both directions until the organ ends
+(its mask vanishes or the model's IoU estimate drops): one box segments a whole organ. A `box3d` prompts
+its middle slice and propagates within its slice range. Labels go back to the input's grid and affine
+(overlaps go to the organ with the higher logit) and are written as NIfTI with a sidecar JSON label map.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import aff2axcodes
+from tqdm.auto import tqdm
+
+from ..data.label_maps import LabelMap, load_label_map, organ_key
+from ..data.prepare import PrepareOptions, Window, to_unit_range
+from ..data.readers import NIFTI_SUFFIXES, Volume, read_volume, reorient, strip_suffix, to_display
+from .evaluate import atomic_path
+from .predictor import MultiOrganPredictor, parse_prompt
+
+PROPAGATION_MARGIN = 12.0  # px at 1024 scale around the previous slice's mask box (3 px at LiteMedSAM's 256)
+
+
+@dataclass
+class _Seed:
+    organ: str
+    z: int
+    prompt: Mapping  # a slice prompt, see `parse_prompt`
+    reach: tuple[int, int]  # the slices propagation from this seed may visit
+    given: bool = True  # prompted by the user, rather than propagated from a neighbouring slice
+
+
+def predict_volume(
+    model,
+    input_path: str | Path,
+    prompts: Mapping | str | Path,
+    label_map: LabelMap | Sequence[str] | str | Path | Mapping,
+    output_path: str | Path,
+    window: Window | str | Sequence[float] = "abdomen",
+    modality: str = "auto",
+    propagate: bool = True,
+    min_pixels: int = 10,
+    min_score: float = 0.75,
+    progress: bool = True,
+) -> dict:
+    """Segment the prompted organs of `input_path` and write a label NIfTI on its grid plus `<output>.json`.
+
+    prompts (a dict or a JSON file), per organ name: {"slices": {"<z>": {"box": [x0, y0, x1, y1]} or
+    {"points": [[x, y], ...], "labels": [1 | 0, ...]} or both}} and/or {"box3d": [x0, y0, z0, x1, y1, z1]}.
+    label_map: a list of organ names (label values 1, 2, ...), or a label map preset / file / dict whose
+    ids the output uses. window / modality: the intensity conversion of `prepare` (match the training
+    data). propagate: carry every prompted slice's mask to the neighbouring slices; propagation stops
+    where a mask has fewer than `min_pixels` pixels or an IoU-head score below `min_score`. Returns the
+    sidecar's content.
+    """
+    output_path = Path(output_path)
+    if not output_path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"output {output_path} must be a NIfTI file name ending in .nii.gz or .nii")
+    if isinstance(label_map, Sequence) and not isinstance(label_map, str):
+        label_map = LabelMap.from_ids(dict(enumerate(label_map, 1)), "organ names")
+    label_map = load_label_map(label_map)
+    volume = read_volume(input_path, "image")
+    display = to_display(volume)
+    seeds = _seeds(_read_prompts(prompts), label_map, display.array.shape)
+    scaled, _ = to_unit_range(display.array, PrepareOptions(window=window, modality=modality))
+    ids = _output_ids(label_map, {seed.organ for seed in seeds})
+    segmenter = _Segmenter(MultiOrganPredictor(model), np.rint(scaled).astype(np.uint8), ids, min_pixels, min_score)
+    segmenter.run(seeds, propagate, progress)
+
+    labels = reorient(Volume(segmenter.labels, display.affine, volume.path), aff2axcodes(volume.affine)).array
+    image = nib.Nifti1Image(labels, volume.affine)
+    image.set_qform(volume.affine, code=1)
+    info = {"input": str(input_path), "output": str(output_path), "label_map": label_map.name,
+            "labels": {str(ids[organ]): organ for organ in sorted(ids, key=ids.get)},
+            "voxels": {organ: int((labels == ids[organ]).sum()) for organ in sorted(ids, key=ids.get)}}
+    sidecar = output_path.with_name(strip_suffix(output_path) + ".json")
+    with atomic_path(output_path) as labels_tmp, atomic_path(sidecar) as sidecar_tmp:
+        nib.save(image, labels_tmp)
+        sidecar_tmp.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _read_prompts(prompts: Mapping | str | Path) -> Mapping:
+    if isinstance(prompts, (str, Path)):
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        try:
+            prompts = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"prompts file {path} is not valid JSON: {error}") from error
+    if not isinstance(prompts, Mapping) or not prompts:
+        raise ValueError(f"prompts must map organ names to {{'slices': ...}} and/or {{'box3d': ...}}, got {prompts!r}")
+    return prompts
+
+
+def _slice_index(value, depth: int, where: str) -> int:
+    try:
+        z = int(value)
+    except (TypeError, ValueError):
+        z = None
+    if z is None or z != float(value) or not 0 <= z < depth:
+        raise ValueError(f"{where}: slice index {value!r} is out of range: the volume has {depth} axial slices "
+                         f"(0 = most inferior .. {depth - 1})")
+    return z
+
+
+def _seeds(prompts: Mapping, label_map: LabelMap, shape: tuple[int, int, int]) -> list[_Seed]:
+    """Every prompt checked against the label map and the volume before any model work."""
+    depth, h, w = shape
+    seeds: dict[tuple[str, int], _Seed] = {}
+    for organ, spec in prompts.items():
+        where = f"organ {organ!r}"
+        if label_map.index(organ) is None:
+            raise ValueError(f"{where} is not in the label map {label_map.name!r}; valid organs are "
+                             f"{list(label_map.organ_names)}")
+        name = organ_key(organ)
+        slices = spec.get("slices", {}) if isinstance(spec, Mapping) else None
+        if not isinstance(slices, Mapping) or not spec or set(spec) - {"slices", "box3d"}:
+            raise ValueError(f"{where}: expected {{'slices': {{'<z>': prompt, ...}}}} and/or "
+                             f"{{'box3d': [x0, y0, z0, x1, y1, z1]}}, got {spec!r}")
+        for key, prompt in slices.items():
+            z = _slice_index(key, depth, where)
+            parse_prompt(prompt, (h, w), f"{where} on slice {z}")
+            seeds.setdefault((name, z), _Seed(name, z, prompt, (0, depth - 1)))
+        if "box3d" in spec:
+            box = spec["box3d"]
+            if not isinstance(box, Sequence) or len(box) != 6:
+                raise ValueError(f"{where}: box3d must be [x0, y0, z0, x1, y1, z1], got {box!r}")
+            z0, z1 = (_slice_index(z, depth, f"{where} box3d") for z in (box[2], box[5]))
+            if z0 > z1:
+                raise ValueError(f"{where}: box3d {box} must have z0 <= z1")
+            prompt = {"box": [box[0], box[1], box[3], box[4]]}
+            parse_prompt(prompt, (h, w), f"{where} box3d")
+            seeds.setdefault((name, (z0 + z1) // 2), _Seed(name, (z0 + z1) // 2, prompt, (z0, z1)))
+    return list(seeds.values())
+
+
+def _output_ids(label_map: LabelMap, organs: set[str]) -> dict[str, int]:
+    """Organ -> its (smallest) raw id in the label map: the value it gets in the output."""
+    ids = {}
+    for raw_id, index in sorted(label_map.index_of_id.items()):
+        if index and label_map.organ_names[index - 1] in organs:
+            ids.setdefault(label_map.organ_names[index - 1], raw_id)
+    return ids
+
+
+def _bounding_box(mask: np.ndarray, margin: float) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    return [max(0.0, xs.min() - margin), max(0.0, ys.min() - margin),
+            min(w - 1.0, xs.max() + margin), min(h - 1.0, ys.max() + margin)]
+
+
+class _Segmenter:
+    """The label volume in display orientation, filled slice by slice: one encoder pass per visited slice,
+    all organs of that slice in one `predict`. Where organs overlap, the higher logit wins.
+
+    A propagated mask ends its organ when it has fewer than `min_pixels` pixels or the IoU head rates it
+    below `min_score`: box-trained models fill any box they are given, even past the organ's end, but
+    their own quality estimate drops there. A slice the user prompted is always kept.
+    """
+
+    def __init__(self, predictor: MultiOrganPredictor, pixels: np.ndarray, ids: dict[str, int], min_pixels: int,
+                 min_score: float):
+        self.predictor, self.pixels, self.ids = predictor, pixels, ids
+        self.min_pixels, self.min_score = min_pixels, min_score
+        self.labels = np.zeros(pixels.shape, dtype=np.uint8 if max(ids.values()) < 256 else np.uint16)
+        self.best = np.zeros(pixels.shape, dtype=np.float32)  # winning logit per voxel (> 0 where labelled)
+        self.found: dict[str, dict[int, tuple | None]] = defaultdict(dict)  # organ -> z -> (mask box, reach) | None
+        self.margin = PROPAGATION_MARGIN * max(pixels.shape[1:]) / 1024
+
+    def run(self, seeds: list[_Seed], propagate: bool, progress: bool) -> None:
+        """Upwards through the volume, then downwards; a slice prompted by the user is never overridden."""
+        depth = self.pixels.shape[0]
+        at = defaultdict(list)
+        for seed in seeds:
+            at[seed.z].append(seed)
+        sweeps = [(1, range(depth))] + ([(-1, range(depth - 1, -1, -1))] if propagate else [])
+        with tqdm(total=len(sweeps) * depth, desc="Predicting", unit="slice", disable=not progress) as bar:
+            for step, zs in sweeps:
+                for z in zs:
+                    tasks = {seed.organ: seed for seed in at[z] if z not in self.found[seed.organ]}
+                    if propagate:
+                        tasks = {**self._propagated(z, z - step), **tasks}
+                    if tasks:
+                        self._segment(z, tasks)
+                    bar.update()
+
+    def _propagated(self, z: int, previous: int) -> dict[str, _Seed]:
+        """Prompts for slice z from each organ's mask on the previous slice of the sweep."""
+        out = {}
+        for organ, found in self.found.items():
+            if z not in found and found.get(previous) is not None:
+                box, reach = found[previous]
+                if reach[0] <= z <= reach[1]:
+                    out[organ] = _Seed(organ, z, {"box": box}, reach, given=False)
+        return out
+
+    def _segment(self, z: int, tasks: dict[str, _Seed]) -> None:
+        self.predictor.set_image(self.pixels[z])
+        predictions = self.predictor.predict({organ: task.prompt for organ, task in tasks.items()})
+        for organ, prediction in predictions.items():
+            task = tasks[organ]
+            if prediction.mask.sum() < self.min_pixels or (not task.given and prediction.score < self.min_score):
+                self.found[organ][z] = None
+                continue
+            self.found[organ][z] = (_bounding_box(prediction.mask, self.margin), task.reach)
+            logits = self.predictor.processor.postprocess_masks(prediction.low_res_logits, prediction.mask.shape)
+            logits = logits.numpy()
+            wins = logits > self.best[z]
+            self.labels[z][wins] = self.ids[organ]
+            self.best[z][wins] = logits[wins]

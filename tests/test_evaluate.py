@@ -1,0 +1,219 @@
+"""Evaluation with simulated users: metrics, the protocol on real CT with the real LiteMedSAM, batching, report."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from datasets import DatasetDict
+from PIL import Image
+from scipy.ndimage import binary_erosion
+from transformers import SamConfig, SamModel
+
+from sam_peft.cli import main
+from sam_peft.data import Volume, VolumeCase, make_phantom, prepare, prepare_volumes, read_metadata
+from sam_peft.evaluation import EVAL_BEHAVIOURS, clicks_to_reach, dice_from_counts, evaluate, surface_dice
+from sam_peft.models import apply_lora, load_base_model, save_adapter
+from sam_peft.models.decoding import sam_of
+
+ORGANS = ["spleen", "kidney_left", "liver"]
+CT_SLICES = [88, 96]  # display axial slices of the real CT, each with 3 of ORGANS (>= 100 px)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On shared CPU cores a second torch thread mostly waits for the first: one thread runs these tests
+    2-10x faster there (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def litemedsam():
+    return load_base_model("litemedsam")
+
+
+def _tiny_sam() -> SamModel:
+    """A random tiny SAM (128 px input, 32 px low-res masks): fast, for logic that any model must satisfy."""
+    torch.manual_seed(0)
+    config = SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=128,
+                           patch_size=16, output_channels=32, global_attn_indexes=[1], num_pos_feats=16),
+        prompt_encoder_config=dict(image_size=128, patch_size=16, image_embedding_size=8, hidden_size=32),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+    )
+    return SamModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return _tiny_sam()
+
+
+@pytest.fixture(scope="module")
+def real_ct(totalseg_dir, tmp_path_factory):
+    """The real CT prepared as `sam-peft prepare` does, cut down to CT_SLICES."""
+    prepared = prepare(totalseg_dir / "example_ct.nii.gz", totalseg_dir / "example_seg_fast_force_split.nii.gz",
+                       output=tmp_path_factory.mktemp("ct") / "prepared", label_map="totalsegmentator")
+    train = prepared["train"]
+    return train.select([train["slice_index"].index(z) for z in CT_SLICES])
+
+
+@pytest.fixture(scope="module")
+def mixed_shapes():
+    """Phantom cases of two slice sizes (stored as nested lists), prepared in memory."""
+    cases = []
+    for i, shape in enumerate([(6, 64, 64), (6, 72, 80)]):
+        image, label, affine = make_phantom(i, shape=shape)
+        cases.append(VolumeCase(f"case{i}", Volume(image, affine, f"case{i}"), Volume(label, affine, f"case{i}")))
+    return prepare_volumes(cases, label_map="flare22")["train"]
+
+
+def _count_encoded(model) -> tuple[list[int], object]:
+    images = []
+    hook = sam_of(model).vision_encoder.register_forward_hook(lambda module, args, out: images.append(len(args[0])))
+    return images, hook
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_dice_from_counts():
+    np.testing.assert_allclose(dice_from_counts([5, 0, 0], [10, 0, 3], [10, 0, 4]), [0.5, 1.0, 0.0])
+
+
+def _brute_force_nsd(pred, target, spacing, tolerance):
+    """NSD from its definition: surface pixels (a 4-neighbour outside the mask) and all pairwise distances."""
+    surfaces = [np.argwhere(m & ~binary_erosion(m, border_value=0)) * np.asarray(spacing) for m in (pred, target)]
+    d = np.linalg.norm(surfaces[0][:, None] - surfaces[1][None], axis=-1)
+    return ((d.min(1) <= tolerance).sum() + (d.min(0) <= tolerance).sum()) / (d.shape[0] + d.shape[1])
+
+
+def test_surface_dice_matches_its_definition_with_anisotropic_spacing():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :50]
+    target = (yy - 20) ** 2 / 150 + (xx - 8) ** 2 / 60 < 1  # touches the left border
+    pred = target ^ (rng.random(target.shape) < 0.03)
+    pred[5:9, 30:45] = True  # a false-positive blob
+    for spacing in [(1.0, 1.0), (3.0, 0.7), (0.5, 2.5)]:
+        assert surface_dice(pred, target, spacing, 2.0) == pytest.approx(_brute_force_nsd(pred, target, spacing, 2.0))
+    assert surface_dice(target, target, (3.0, 3.0)) == 1.0
+    shifted = np.roll(target, 1, axis=1)
+    assert surface_dice(shifted, target, (1.0, 1.9)) == 1.0  # 1.9 mm apart: within the 2 mm tolerance
+    assert surface_dice(shifted, target, (1.0, 2.1)) < 0.8  # 2.1 mm: the left and right edges no longer count
+    empty = np.zeros_like(target)
+    assert surface_dice(empty, empty, (1.0, 1.0)) == 1.0
+    assert surface_dice(empty, target, (1.0, 1.0)) == 0.0
+
+
+def test_clicks_to_reach():
+    curves = np.array([[0.5, 0.86, 0.95], [0.9, 0.95, 0.99], [0.1, 0.2, 0.3]])
+    assert clicks_to_reach(curves, 0.85).tolist() == [2, 1, 3]
+    assert clicks_to_reach(curves, 0.90).tolist() == [3, 1, 3]  # never reached: counts the maximum
+    with pytest.raises(ValueError, match="at least one click"):
+        clicks_to_reach(np.zeros((2, 0)), 0.85)
+
+
+# ------------------------------------------------------------------------------------------ the protocol
+
+
+def test_real_ct_protocol_and_report(litemedsam, real_ct, tmp_path):
+    data = real_ct.select([1])
+    images, hook = _count_encoded(litemedsam)
+    try:
+        metrics = evaluate(litemedsam, data, behaviours=EVAL_BEHAVIOURS, max_clicks=5, organs=ORGANS,
+                           output_dir=tmp_path, progress=False)
+    finally:
+        hook.remove()
+    assert images == [1]  # encoded once, for every behaviour and click
+    names = read_metadata(data)["organ_names"]
+    expected = Counter(names[k - 1] for label in data.with_format("numpy")["label"]
+                       for k, n in enumerate(np.bincount(label.ravel())) if k and n >= 100 and names[k - 1] in ORGANS)
+    assert metrics["instances_per_organ"] == expected and metrics["n_instances"] == 3
+    assert metrics["n_slices"] == 1 and metrics["n_cases"] == 1
+
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    for kind in ("dice", "nsd", "dice_3d"):
+        assert list(metrics[kind]) == list(EVAL_BEHAVIOURS)
+        for values in metrics[kind].values():
+            assert 0 <= values["mean"] <= 1 and set(values["per_organ"]) == set(metrics["instances_per_organ"])
+            assert all(0 <= v <= 1 for v in values["per_organ"].values())
+    assert set(metrics["dice_3d"]["tight_box"]["per_case"]) == {"example_ct"}
+    dice = {b: metrics["dice"][b]["mean"] for b in EVAL_BEHAVIOURS}
+    assert dice["tight_box"] > 0.75 and dice["tight_box"] > dice["center_click"] + 0.4  # LiteMedSAM: boxes only
+    assert metrics["spread"] == pytest.approx(max(list(dice.values())[:5]) - min(list(dice.values())[:5]))
+    curve = metrics["dice_vs_clicks"]
+    assert len(curve) == 5
+    assert curve[0] == pytest.approx(dice["center_click"]) and curve[2] == pytest.approx(dice["clicks_3"])
+    assert curve[4] == pytest.approx(dice["clicks_5"])
+    assert 1 <= metrics["noc"]["85"] <= metrics["noc"]["90"] <= 5
+    assert metrics["slices_per_second"] > 0
+
+    for plot in ("dice_per_organ.png", "dice_vs_clicks.png"):
+        with Image.open(tmp_path / plot) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    report = (tmp_path / "metrics.md").read_text()
+    assert "| organ | instances | tight_box |" in report and "NoC@85" in report
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_results_do_not_depend_on_batching(tiny_model, mixed_shapes):
+    images, hook = _count_encoded(tiny_model)
+    try:
+        runs = [evaluate(tiny_model, mixed_shapes, behaviours=["jitter_box", "random_click", "clicks_3"], noc=False,
+                         batch_size=batch_size, min_pixels=30, progress=False) for batch_size in (1, 4)]
+    finally:
+        hook.remove()
+    per_case = Counter(case for case, label in zip(mixed_shapes["case_id"], mixed_shapes.with_format("numpy")["label"])
+                       if (np.bincount(label.ravel())[1:] >= 30).any())
+    assert runs[0]["n_slices"] == runs[1]["n_slices"] == sum(per_case.values())
+    by_four = [min(4, n - i) for n in per_case.values() for i in range(0, n, 4)]  # a batch never mixes slice sizes
+    assert images == [1] * sum(per_case.values()) + by_four
+    for behaviour in ("jitter_box", "random_click", "clicks_3"):
+        for kind in ("dice", "nsd"):
+            a, b = runs[0][kind][behaviour]["per_organ"], runs[1][kind][behaviour]["per_organ"]
+            assert a == pytest.approx(b, abs=1e-6)
+    assert runs[0]["dice_vs_clicks"] == pytest.approx(runs[1]["dice_vs_clicks"], abs=1e-6)
+    assert runs[0]["noc"] is None and runs[0]["settings"]["split"] is None
+
+
+def test_validation_subset_restores_training_mode(tiny_model, mixed_shapes):
+    tiny_model.train()
+    metrics = evaluate(tiny_model, DatasetDict(validation=mixed_shapes), split="validation", behaviours=["tight_box"],
+                       noc=False, min_pixels=30, progress=False)
+    assert tiny_model.training
+    tiny_model.eval()
+    assert list(metrics["dice"]) == ["tight_box"] and metrics["dice_vs_clicks"] == [] and metrics["spread"] is None
+
+
+def test_bad_input(tiny_model, mixed_shapes, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown behaviour\(s\) \['double_click'\]; valid behaviours are"):
+        evaluate(tiny_model, mixed_shapes, behaviours=["tight_box", "double_click"])
+    with pytest.raises(ValueError, match="is not a prepared dataset"):
+        evaluate(tiny_model, tmp_path)
+    with pytest.raises(ValueError, match=r"split 'test' is not in the dataset; it has \['train'\]"):
+        evaluate(tiny_model, DatasetDict(train=mixed_shapes))
+    with pytest.raises(ValueError, match=r"organ\(s\) \['brain'\] are not in the dataset's label map"):
+        evaluate(tiny_model, mixed_shapes, organs=["liver", "brain"])
+    with pytest.raises(ValueError, match="nothing to evaluate: no slice of the dataset holds an organ instance"):
+        evaluate(tiny_model, mixed_shapes, min_pixels=10**6, output_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_evaluate(real_ct, tmp_path, capsys):
+    DatasetDict(test=real_ct.select([0])).save_to_disk(str(tmp_path / "data"))
+    code = main(["evaluate", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                 "--behaviours", "tight_box", "loose_box", "--no-noc", "--organs", "liver", "spleen"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_instances"] == 2 and metrics["noc"] is None and metrics["settings"]["split"] == "test"
+    assert metrics["dice"]["tight_box"]["per_organ"]["spleen"] > 0.8
+    assert "tight_box" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    save_adapter(apply_lora(_tiny_sam(), preset="decoder", verbose=False), tmp_path / "tiny_adapter")
+    assert main(["evaluate", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "x"),
+                 "--adapter", str(tmp_path / "tiny_adapter")]) == 2  # made for another base
+    assert "adapter" in capsys.readouterr().err and not (tmp_path / "x").exists()
