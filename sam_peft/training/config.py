@@ -23,7 +23,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
-    train_heads: list[str] = field(default_factory=lambda: ["iou"])
+    train_heads: list[str] = field(default_factory=lambda: ["iou", "hypernetworks"])
     frozen_encoder: bool = True  # cache image embeddings once; only valid with the "decoder" preset
     # data: a prepared dataset directory, a Hub dataset id, or None for the built-in phantom
     data: str | None = None

@@ -149,7 +149,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     accelerator.init_trackers("sam_peft", config={k: str(v) for k, v in config.to_dict().items()})
 
     rows = _Rows(train_set)
-    done = False
+    done, last_eval = False, (-1, None)  # (step, metrics) of the latest validation
     while progress.epoch < config.epochs and not done:
         epoch = progress.epoch
         if progress.batch == 0:  # mid-epoch, a resumed sampler already holds this epoch's plan
@@ -200,10 +200,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         progress.epoch += 1
         progress.batch = 0
         if progress.epoch % config.eval_every == 0 or progress.epoch == config.epochs:
-            _validate(accelerator, step, val_set, config, progress, output, evaluate, summary)
+            last_eval = (progress.step, _validate(accelerator, step, val_set, config, progress, output, evaluate,
+                                                  summary))
         _checkpoint(accelerator, output, progress, config.keep_checkpoints)
 
-    result = _finish(accelerator, step, val_set, config, progress, output, meta, evaluate)
+    final = last_eval[1] if last_eval[0] == progress.step else None
+    result = _finish(accelerator, step, val_set, config, progress, output, meta, evaluate, final)
     accelerator.end_training()
     return result
 
@@ -227,8 +229,10 @@ def _score(sampler: CBDPSampler, batch: dict, out, organ_names: list[str]) -> No
     sampler.update(ids.tolist(), organs, out.region_losses.float().cpu()[valid])
 
 
-def _validate(accelerator, step, val_set, config, progress, output, evaluate, summary) -> None:
+def _validate(accelerator, step, val_set, config, progress, output, evaluate, summary) -> dict | None:
+    """Simulated-user validation on the main process; keeps the best adapter. Returns the metrics there."""
     model = accelerator.unwrap_model(step).model
+    metrics = None
     if accelerator.is_main_process:
         metrics = evaluate(model, val_set, behaviours=config.eval_behaviours, noc=False, progress=False,
                            batch_size=config.batch_size)
@@ -245,6 +249,7 @@ def _validate(accelerator, step, val_set, config, progress, output, evaluate, su
             save_adapter(model, output / "best_adapter", val_dice=score, epoch=progress.epoch)
         step.train()
     accelerator.wait_for_everyone()
+    return metrics
 
 
 def _checkpoint(accelerator, output: Path, progress: Progress, keep: int) -> None:
@@ -269,13 +274,15 @@ def _resume(accelerator, output: Path) -> None:
     accelerator.print(f"resumed from {found[-1]}")
 
 
-def _finish(accelerator, step, val_set, config, progress, output, meta, evaluate) -> dict:
-    """Final adapter, metrics and model card (main process), written atomically."""
+def _finish(accelerator, step, val_set, config, progress, output, meta, evaluate, metrics) -> dict:
+    """Final adapter, metrics and model card (main process), written atomically. `metrics`: the validation
+    of the final weights when the last epoch already ran it."""
     result = {}
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(step).model
-        metrics = evaluate(model, val_set, behaviours=config.eval_behaviours, noc=False, progress=False,
-                           batch_size=config.batch_size)
+        if metrics is None:
+            metrics = evaluate(model, val_set, behaviours=config.eval_behaviours, noc=False, progress=False,
+                               batch_size=config.batch_size)
         result = {"steps": progress.step, "epochs": progress.epoch, "best_val_dice": progress.best,
                   "history": progress.history, "final": metrics}
         info = dict(organ_names=meta["organ_names"], label_map=meta.get("label_map"), data=config.data or "phantom",
