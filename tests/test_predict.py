@@ -19,20 +19,7 @@ from sam_peft.prompts import make_prompt
 TOTALSEG_IDS = {"spleen": 1, "kidney_right": 2, "liver": 5, "stomach": 6}
 CROP = (98, 102)  # display axial slices: liver and spleen throughout, the right kidney ends at slice 101
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On shared CPU cores a second torch thread mostly waits for the first: one thread runs these tests
-    about twice as fast there (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def litemedsam():
-    return load_base_model("litemedsam")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,7 @@ def phantom_slices():
 
 
 @pytest.fixture(scope="module")
-def litemedsam():
+def litemedsam_lora():
     return apply_lora(load_base_model("litemedsam"), "decoder", r=8, verbose=False)
 
 
@@ -125,19 +125,19 @@ def test_padded_regions_never_contribute(tiny):
     assert (out.region_losses[valid] > 0).all()
 
 
-def test_batch_without_organs_has_zero_loss_and_backward_works(litemedsam, phantom_slices):
+def test_batch_without_organs_has_zero_loss_and_backward_works(litemedsam_lora, phantom_slices):
     """Slices with no organ collate to one padded region each; through the real encoder the loss is exactly 0."""
     organ_names, items = phantom_slices
     empty = [dict(item, label=np.zeros_like(np.asarray(item["label"]))) for item in items[:1]]
-    batch = PHPGCollator(processor_for(litemedsam), organ_names)(empty)
+    batch = PHPGCollator(processor_for(litemedsam_lora), organ_names)(empty)
     assert batch["region_valid"].shape == (1, 1) and not batch["region_valid"].any()
-    out = phpg_forward(litemedsam, batch, rounds=2)
+    out = phpg_forward(litemedsam_lora, batch, rounds=2)
     assert out.loss.item() == 0.0 and (out.region_losses == 0).all()
-    litemedsam.zero_grad()
+    litemedsam_lora.zero_grad()
     out.loss.backward()
-    grads = [p.grad for p in litemedsam.parameters() if p.requires_grad]
+    grads = [p.grad for p in litemedsam_lora.parameters() if p.requires_grad]
     assert grads and all(g is not None and (g == 0).all() for g in grads)
-    litemedsam.zero_grad()
+    litemedsam_lora.zero_grad()
 
 
 # --- gradients ---------------------------------------------------------------------------------------
@@ -277,22 +277,22 @@ def test_rounds_must_be_positive(tiny):
 
 
 @torch.no_grad()
-def test_single_click_regions_use_the_iou_chosen_multimask(litemedsam, phantom_slices):
+def test_single_click_regions_use_the_iou_chosen_multimask(litemedsam_lora, phantom_slices):
     """Boxes, single clicks and multi-click prompts in one collated batch: single-click regions take the
     multimask output the IoU head ranks first and the best of the three masks' losses; the others the
     single-mask output."""
     organ_names, items = phantom_slices
-    collator = PHPGCollator(processor_for(litemedsam), organ_names, max_regions=4,
+    collator = PHPGCollator(processor_for(litemedsam_lora), organ_names, max_regions=4,
                             behaviours={"tight_box": 1, "center_click": 2, "multi_click": 1})
     batch = collator(items[2:3])
     valid, labels = batch["region_valid"], batch["point_labels"]
     single = is_single_click(labels) & valid
     assert single.any() and (~single & valid).any()
-    embeddings = encode_images(litemedsam, batch["pixel_values"])
-    out = phpg_forward(litemedsam, batch, rounds=1, image_embeddings=embeddings, random_clicks=False)
+    embeddings = encode_images(litemedsam_lora, batch["pixel_values"])
+    out = phpg_forward(litemedsam_lora, batch, rounds=1, image_embeddings=embeddings, random_clicks=False)
     targets = batch["targets"]
-    one, one_iou = decode_regions(litemedsam, embeddings, batch["points"], labels)
-    three, three_iou = decode_regions(litemedsam, embeddings, batch["points"], labels, multimask_output=True)
+    one, one_iou = decode_regions(litemedsam_lora, embeddings, batch["points"], labels)
+    three, three_iou = decode_regions(litemedsam_lora, embeddings, batch["points"], labels, multimask_output=True)
     chosen = torch.take_along_dim(three, three_iou.argmax(-1)[..., None, None, None], dim=2)[:, :, 0]
     torch.testing.assert_close(out.low_res_logits[single], chosen[single])
     torch.testing.assert_close(out.low_res_logits[~single], one[:, :, 0][~single])

@@ -54,6 +54,7 @@ class Progress:
     batch: int = 0  # batches done in `epoch`
     step: int = 0  # optimizer steps overall
     best: float = -math.inf
+    train_seconds: float = 0.0  # time spent in training steps (not validation), across resumes
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -182,6 +183,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             _score(sampler, batch, out, organ_names)
             progress.batch += 1
             progress.step += 1
+            progress.train_seconds += time.perf_counter() - started
             valid = batch["region_valid"]
             dice = float((out.region_dice.sum() / valid.sum().clamp(min=1)).item())
             logs = {"loss": out.loss.item(), "dice": dice, "lr": lr,
@@ -237,11 +239,13 @@ def _validate(accelerator, step, val_set, config, progress, output, evaluate, su
         metrics = evaluate(model, val_set, behaviours=config.eval_behaviours, noc=False, progress=False,
                            batch_size=config.batch_size)
         score = float(np.mean([metrics["dice"][b]["mean"] for b in config.eval_behaviours]))
-        record = {"epoch": progress.epoch, "step": progress.step, "val_dice": score,
+        record = {"epoch": progress.epoch, "step": progress.step, "train_seconds": progress.train_seconds,
+                  "val_dice": score, "val_dice_per_organ": {b: metrics["dice"][b]["per_organ"]
+                                                           for b in config.eval_behaviours},
                   **{f"val_dice/{b}": metrics["dice"][b]["mean"] for b in config.eval_behaviours},
                   "kept_fraction": summary["kept_fraction"]}
         progress.history.append(record)
-        accelerator.log({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=progress.step)
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=progress.step)
         accelerator.print(f"epoch {progress.epoch}: validation Dice {score:.4f} "
                           + " ".join(f"{b}={metrics['dice'][b]['mean']:.3f}" for b in config.eval_behaviours))
         if score > progress.best:
