@@ -54,6 +54,8 @@ def test_config_errors_name_the_problem():
     assert (config.lr, config.frozen_encoder, config.behaviours) == (1e-4, False, {"tight_box": 1})
     with pytest.raises(ValueError, match="'lr': expected a number, got 'fast'"):
         TrainConfig.from_dict({"lr": "fast"})
+    with pytest.raises(ValueError, match="'epochs': expected a number, got True"):
+        TrainConfig.from_dict(parse_overrides(["--epochs"]))
 
 
 def test_train_end_to_end_writes_adapter_card_and_metrics(setup, tmp_path):

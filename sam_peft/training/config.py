@@ -123,7 +123,10 @@ class TrainConfig:
 
 def _number(key: str, value, annotation: str):
     """YAML 1.1 reads `1e-4` as a string: coerce strings for numeric settings, with a clear error."""
-    if not isinstance(value, str) or not any(t in annotation for t in ("float", "int")):
+    numeric = any(t in annotation for t in ("float", "int")) and "dict" not in annotation
+    if numeric and isinstance(value, bool):  # a bare `--lr` on the command line
+        raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
+    if not isinstance(value, str) or not numeric:
         return value
     try:
         return float(value) if "float" in annotation else int(value)
