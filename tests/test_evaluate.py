@@ -13,7 +13,7 @@ from transformers import SamConfig, SamModel
 from sam_peft.cli import main
 from sam_peft.data import Volume, VolumeCase, make_phantom, prepare, prepare_volumes, read_metadata
 from sam_peft.evaluation import EVAL_BEHAVIOURS, clicks_to_reach, dice_from_counts, evaluate, surface_dice
-from sam_peft.models import apply_lora, load_base_model, save_adapter
+from sam_peft.models import apply_lora, save_adapter
 from sam_peft.models.decoding import sam_of
 
 ORGANS = ["spleen", "kidney_left", "liver"]

@@ -12,7 +12,6 @@ from sam_peft.cli import main
 from sam_peft.data import Volume, prepare, read_volume, to_display
 from sam_peft.data.readers import reorient
 from sam_peft.evaluation import MultiOrganPredictor, Prediction, evaluate, predict_volume
-from sam_peft.models import load_base_model
 from sam_peft.models.decoding import sam_of
 from sam_peft.prompts import make_prompt
 
