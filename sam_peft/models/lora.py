@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -98,16 +99,10 @@ def save_adapter(model: PeftModel, output_dir: str | Path, **extra_info) -> Path
         old = output_dir.with_name(output_dir.name + ".old")
         os.replace(output_dir, old)
         os.replace(tmp, output_dir)
-        _rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, output_dir)
     return output_dir
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_trainable: bool = False) -> PeftModel:
