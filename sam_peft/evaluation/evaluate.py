@@ -13,11 +13,8 @@ low-res logits fed back as the mask prompt, as a person refines a mask.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data.label_maps import organ_key
 from ..data.prepare import load_prepared, read_metadata
+from ..io import atomic_path
 from ..models.decoding import PAD_LABEL, encode_images, sam_of
 from ..models.loading import processor_for
 from ..prompts.behaviours import make_prompt
@@ -295,19 +293,6 @@ def _summarise(instances, behaviours, organ_names, max_clicks, n_slices, seconds
 
 
 # ------------------------------------------------------------------------------------------ report
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix) that replaces `path` when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(metrics: dict, output_dir: str | Path) -> None:

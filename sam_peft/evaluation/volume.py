@@ -24,8 +24,15 @@ from tqdm.auto import tqdm
 
 from ..data.label_maps import LabelMap, load_label_map, organ_key
 from ..data.prepare import PrepareOptions, Window, to_unit_range
-from ..data.readers import NIFTI_SUFFIXES, Volume, read_volume, reorient, strip_suffix, to_display
-from .evaluate import atomic_path
+from ..data.readers import (
+    NIFTI_SUFFIXES,
+    Volume,
+    read_volume,
+    reorient,
+    strip_suffix,
+    to_display,
+)
+from ..io import atomic_path
 from .predictor import MultiOrganPredictor, parse_prompt
 
 PROPAGATION_MARGIN = 12.0  # px at 1024 scale around the previous slice's mask box (3 px at LiteMedSAM's 256)

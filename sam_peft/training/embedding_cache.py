@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..io import atomic_path
 from ..models.decoding import encode_images
 from ..models.lora import base_fingerprint
 from ..models.processor import SamInputProcessor
@@ -42,7 +42,6 @@ def image_embeddings(
         pixels = torch.stack([processor.preprocess(np.asarray(im, dtype=np.uint8)) for im in rows]).to(device)
         chunks.append(encode_images(model, pixels).to("cpu", torch.float16).numpy())
     array = np.concatenate(chunks)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
     return torch.from_numpy(array)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from ..io import atomic_path
 from ..models.lora import SAM_PEFT_FILE
 
 _CARD = """---
@@ -65,9 +66,8 @@ def write_model_card(adapter_dir: str | Path, info: dict, config) -> Path:
         metrics="\n".join(f"| {b} | {d:.4f} |" for b, d in metrics.items()) or "| (not evaluated) | |",
         repo=adapter_dir.name,
     )
-    tmp = adapter_dir / ".README.md.tmp"
-    tmp.write_text(card)
-    tmp.replace(adapter_dir / "README.md")
+    with atomic_path(adapter_dir / "README.md") as tmp:
+        tmp.write_text(card)
     return adapter_dir / "README.md"
 
 

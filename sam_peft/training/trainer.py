@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data import load_prepared, phantom_dataset, read_metadata
+from ..io import atomic_path
 from ..models import apply_lora, load_base_model, processor_for, save_adapter
 from ..prompts import PHPGCollator
 from ..pruning import CBDPSampler
@@ -117,7 +118,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     base = load_base_model(config.model)
     if accelerator.is_main_process:
         claim_output_dir(output, resume, overwrite)
-        _atomic_write(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        with atomic_path(output / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     processor = processor_for(base)
@@ -293,12 +295,7 @@ def _finish(accelerator, step, val_set, config, progress, output, meta, evaluate
                     metrics={b: metrics["dice"][b]["mean"] for b in config.eval_behaviours})
         save_adapter(model, output / "adapter", **info)
         write_model_card(output / "adapter", info, config)
-        _atomic_write(output / "metrics.json", json.dumps(result, indent=2, default=float))
+        with atomic_path(output / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2, default=float))
     accelerator.wait_for_everyone()
     return result
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
