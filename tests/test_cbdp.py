@@ -59,13 +59,55 @@ def test_takes_the_organs_column_of_a_prepared_dataset():
     sampler.update([3, 3], ["pancreas", "spleen"], [0.1, 0.2])
 
 
-def test_unscored_and_organless_samples_are_never_pruned():
+@pytest.mark.parametrize("budget", ["pool", "dataset"])
+def test_unscored_and_organless_samples_are_never_pruned(budget):
     organs = LIVER + [[]] * 5
     losses = {k: v for k, v in LIVER_LOSSES.items() if k[0] >= 4}  # samples 0..3 never scored
-    sampler = scored_sampler(organs, losses)
+    sampler = scored_sampler(organs, losses, budget=budget, prune_ratio=0.9)
     assert set(range(4)) | set(range(20, 25)) <= kept(sampler)
     assert all(sampler.weight(i) == 1.0 for i in [0, 1, 2, 3, 20, 24])
-    assert sampler.epoch_summary()["pruned"] == int(0.5 * 8)  # pool: samples 4..11, below the mean 11.5
+    # pool: samples 4..11, below the mean 11.5; "dataset" may drop every scored sample up to the liver cap
+    assert sampler.epoch_summary()["pruned"] == (int(0.9 * 8) if budget == "pool" else int(0.9 * 20) - 2)
+
+
+@pytest.mark.parametrize(("ratio", "pool_losses"), [(0.5, False), (0.7, False), (0.5, True)])
+def test_dataset_budget_drops_a_share_of_all_samples(ratio, pool_losses):
+    # LIVER_LOSSES: pool 0..9, smaller than the budget; pool_losses: pool 0..14, larger than it
+    losses = {(i, "liver"): 0.0 if i < 15 else 10.0 for i in range(20)} if pool_losses else LIVER_LOSSES
+    sampler = scored_sampler(LIVER, losses, prune_ratio=ratio, budget="dataset")
+    dropped = set(range(20)) - kept(sampler)
+    assert len(dropped) == int(ratio * 20) == len(LIVER) - len(sampler)
+    if pool_losses:  # 10 of the 15 pooled samples, at random; the 5 kept ones up-weighted
+        assert dropped < set(range(15))
+        assert all(sampler.weight(i) == pytest.approx(1 / (1 - ratio)) for i in set(range(15)) - dropped)
+    else:  # the whole pool, then the samples with the next-lowest losses
+        assert dropped == set(range(int(ratio * 20)))
+    assert all(sampler.weight(i) == 1.0 for i in range(15 if pool_losses else 10, 20) if i not in dropped)
+
+
+@pytest.mark.parametrize("strategy", ["cbdp", "infobatch"])
+def test_dataset_budget_ranks_by_loss_relative_to_the_organ(strategy):
+    # Two organs on very different loss scales, nothing below threshold beyond one sample each. cbdp ranks
+    # samples by loss over their organ's mean, so it drops the best-learned of both organs; infobatch by
+    # loss over the global mean, so the low-loss organ goes first. The per-organ cap holds under cbdp.
+    organs = [["easy"]] * 10 + [["hard"]] * 10
+    losses = {(i, "easy"): 0.1 + 0.01 * i for i in range(10)} | {(i, "hard"): 1.0 + 0.1 * (i - 10) for i in range(10, 20)}
+    summary = scored_sampler(organs, losses, strategy=strategy, budget="dataset", prune_ratio=0.6).epoch_summary()
+    assert summary["pruned"] == 12
+    if strategy == "cbdp":
+        assert summary["pruned_per_organ"] == {"easy": 6, "hard": 6}
+    else:
+        assert summary["pruned_per_organ"] == {"easy": 10, "hard": 2}
+
+
+def test_dataset_budget_for_random_and_multi_organ_caps():
+    assert scored_sampler(LIVER, LIVER_LOSSES, strategy="random", budget="dataset").epoch_summary()["pruned"] == 10
+    losses = {(i, o): float((i * 7 + len(o)) % 5) for i, organs in enumerate(ORGANS) for o in organs}
+    pool = scored_sampler(ORGANS, losses).epoch_summary()
+    dataset = scored_sampler(ORGANS, losses, budget="dataset").epoch_summary()
+    assert pool["pruned"] < dataset["pruned"] <= int(0.5 * len(ORGANS))
+    counts = {o: sum(o in organs for organs in ORGANS) for o in dataset["pruned_per_organ"]}
+    assert all(n <= int(0.5 * counts[o]) for o, n in dataset["pruned_per_organ"].items())
 
 
 def test_non_finite_losses_are_ignored():
@@ -248,6 +290,7 @@ def test_dataloader_with_workers():
         ({"num_replicas": 2, "rank": 2}, "rank"),
         ({"score": "max"}, "latest, ema"),
         ({"ema": 1.0}, "ema"),
+        ({"budget": "all"}, "pool, dataset"),
     ],
 )
 def test_bad_arguments(kwargs, message):

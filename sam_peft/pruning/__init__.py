@@ -1,4 +1,4 @@
 """Dynamic data pruning for training: the CBDP sampler and its baselines."""
-from .cbdp import STRATEGIES, CBDPSampler
+from .cbdp import BUDGETS, STRATEGIES, CBDPSampler
 
-__all__ = ["STRATEGIES", "CBDPSampler"]
+__all__ = ["BUDGETS", "STRATEGIES", "CBDPSampler"]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 STRATEGIES = ("none", "random", "infobatch", "cbdp")
+BUDGETS = ("pool", "dataset")
 SCORES = ("latest", "ema")
 
 # Random streams, one per purpose; seeds are always (seed, epoch, purpose), since numpy's SeedSequence
@@ -67,7 +68,8 @@ class CBDPSampler(Sampler[int]):
     Args:
         sample_organs: ``sample_organs[i]`` lists the organ names of sample ``i`` (the dataset's ``organs``).
         num_epochs: length of the run; pruning stops from epoch ``anneal * num_epochs`` on.
-        prune_ratio: share of the well-learned samples dropped per epoch, in [0, 1).
+        prune_ratio: share dropped per pruned epoch, in [0, 1): of the well-learned samples, or of all
+            samples (see ``budget``).
         anneal: fraction of the epochs that may prune, in [0, 1].
         seed: non-negative seed; with the epoch it fixes every random choice.
         strategy: ``"none"``, ``"random"`` (a static random subset of ``floor(prune_ratio * N / 2)``
@@ -78,11 +80,19 @@ class CBDPSampler(Sampler[int]):
         shuffle: shuffle the kept samples each epoch (else ascending order).
         score: a region's score is its ``"latest"`` loss or an ``"ema"`` of its losses.
         ema: the EMA's weight on the old score, in [0, 1).
+        budget: what ``prune_ratio`` is a share of. ``"pool"`` (InfoBatch's rule): of the well-learned
+            samples, so an epoch saves at most ``prune_ratio`` of the data and in practice much less, as few
+            multi-organ slices have every region below its organ's threshold. ``"dataset"`` (the paper's
+            iteration budget, 56.25% of full training at ratio 0.5 and anneal 0.875): of all samples; once
+            the pool is used up, the next drops are the samples learned best relative to their organs
+            (lowest worst-region score / organ threshold under cbdp, lowest score / global mean under
+            infobatch). Never-scored samples are never dropped.
 
     A sample is well learned when at least one of its regions is scored and every scored region is below
     the threshold (regions the collator never emits, e.g. organs under its ``min_pixels``, do not block
-    it). Of the well-learned pool ``floor(prune_ratio * len(pool))`` samples are dropped, chosen at random;
-    the pool's kept members get weight ``1 / (1 - prune_ratio)``, every other kept sample 1, dropped ones 0.
+    it). Of the well-learned pool ``floor(prune_ratio * len(pool))`` samples are dropped (``budget="pool"``;
+    ``floor(prune_ratio * N)`` with ``"dataset"``), the pool's members first, chosen at random; the pool's
+    kept members get weight ``1 / (1 - prune_ratio)``, every other kept sample 1, dropped ones 0.
     Under ``cbdp`` candidates are tried in random order and one whose drop would take any of its organs
     past ``floor(prune_ratio * n_organ)`` dropped samples is kept instead. Every strategy prunes nothing
     from the anneal point on.
@@ -101,14 +111,15 @@ class CBDPSampler(Sampler[int]):
         shuffle: bool = True,
         score: str = "latest",
         ema: float = 0.9,
+        budget: str = "pool",
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if distributed else 1
         rank = rank if rank is not None else dist.get_rank() if distributed else 0
-        _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema)
+        _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema, budget)
         self.num_epochs, self.prune_ratio, self.anneal, self.seed = num_epochs, prune_ratio, anneal, seed
         self.strategy, self.num_replicas, self.rank, self.shuffle = strategy, num_replicas, rank, shuffle
-        self.score, self.ema = score, ema
+        self.score, self.ema, self.budget = score, ema, budget
 
         self._sample_organs, self.organs = _index_organs(sample_organs)
         self._organ_index = {name: o for o, name in enumerate(self.organs)}
@@ -181,6 +192,7 @@ class CBDPSampler(Sampler[int]):
         return {
             "epoch": self.epoch,
             "strategy": self.strategy,
+            "budget": self.budget,
             "kept": int((~pruned).sum()),
             "pruned": int(pruned.sum()),
             "kept_fraction": float((~pruned).mean()) if self.num_samples else 1.0,
@@ -202,6 +214,7 @@ class CBDPSampler(Sampler[int]):
             "organs": list(self.organs),
             "seed": self.seed,
             "strategy": self.strategy,
+            "budget": self.budget,
             "epoch": self.epoch,
             "scores": torch.from_numpy(self._scores.copy()),
             "pending": {key: torch.from_numpy(a.copy()) for key, a in zip(_PENDING_KEYS, self._merged)},
@@ -211,7 +224,7 @@ class CBDPSampler(Sampler[int]):
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`: the same epoch plan, and the same plans after it."""
         for key, mine in (("num_samples", self.num_samples), ("organs", list(self.organs)),
-                          ("seed", self.seed), ("strategy", self.strategy)):
+                          ("seed", self.seed), ("strategy", self.strategy), ("budget", self.budget)):
             if key not in state:
                 raise ValueError(f"load_state_dict: state has no {key!r}; not a CBDPSampler state")
             if state[key] != mine:
@@ -293,11 +306,19 @@ class CBDPSampler(Sampler[int]):
         dropped: np.ndarray | list[int] = []
         if self.strategy != "none" and self.epoch < self.anneal * self.num_epochs:
             if self.strategy == "random":
-                dropped = self._rng(_STATIC).choice(n, self._share(n * _RANDOM_POOL_FRACTION), replace=False)
+                share = n if self.budget == "dataset" else n * _RANDOM_POOL_FRACTION
+                dropped = self._rng(_STATIC).choice(n, self._share(share), replace=False)
             else:
-                pool = self._well_learned()
+                relative = self._relative_scores()
+                pool = np.flatnonzero(relative < 1)
                 weights[pool] = 1 / (1 - self.prune_ratio)
-                dropped = self._choose_drops(self._rng(_PRUNE, self.epoch).permutation(pool))
+                candidates = self._rng(_PRUNE, self.epoch).permutation(pool)
+                quota = self._share(len(pool))
+                if self.budget == "dataset":
+                    rest = np.flatnonzero((relative >= 1) & np.isfinite(relative))
+                    candidates = np.concatenate([candidates, rest[np.argsort(relative[rest], kind="stable")]])
+                    quota = self._share(n)
+                dropped = self._choose_drops(candidates, quota)
         weights[dropped] = 0
         kept = np.flatnonzero(weights > 0)
         if self.shuffle:
@@ -307,24 +328,28 @@ class CBDPSampler(Sampler[int]):
         self._order = _shard(kept.tolist(), self.num_replicas, self.rank)
         self._pruned_per_epoch[self.epoch] = len(dropped)
 
-    def _well_learned(self) -> np.ndarray:
-        """Indices of the samples below threshold: per organ under cbdp, one global one under infobatch."""
+    def _relative_scores(self) -> np.ndarray:
+        """Per sample, how its scores compare with their thresholds: below 1 means well learned, lower means
+        learned better; never-scored samples get inf. Under cbdp the worst region's score over its organ's
+        mean score; under infobatch the sample's mean region score over the mean of those."""
         scored = ~np.isnan(self._scores)
         filled = np.where(scored, self._scores, 0.0)
         any_scored = scored.any(1)
+        relative = np.full(self.num_samples, np.inf)
+        if not any_scored.any():
+            return relative
         if self.strategy == "infobatch":
-            if not any_scored.any():
-                return np.zeros(0, dtype=np.int64)
             sample_score = filled.sum(1) / np.maximum(scored.sum(1), 1)
-            return np.flatnonzero(any_scored & (sample_score < sample_score[any_scored].mean()))
-        thresholds = filled.sum(0) / np.maximum(scored.sum(0), 1)
-        above = scored & ~(self._scores < thresholds)
-        return np.flatnonzero(any_scored & ~above.any(1))
+            ratio = _ratio(sample_score, sample_score[any_scored].mean())
+        else:
+            thresholds = filled.sum(0) / np.maximum(scored.sum(0), 1)
+            ratio = np.where(scored, _ratio(filled, thresholds), -np.inf).max(1)
+        relative[any_scored] = ratio[any_scored]
+        return relative
 
-    def _choose_drops(self, candidates: np.ndarray) -> list[int]:
-        """The first floor(prune_ratio * len(candidates)) candidates, skipping (under cbdp) any whose drop
-        would take one of its organs past floor(prune_ratio * that organ's sample count)."""
-        quota = self._share(len(candidates))
+    def _choose_drops(self, candidates: np.ndarray, quota: int) -> list[int]:
+        """The first `quota` candidates, skipping (under cbdp) any whose drop would take one of its organs
+        past floor(prune_ratio * that organ's sample count)."""
         if self.strategy != "cbdp":
             return candidates[:quota].tolist()
         room = [self._share(c) for c in self._members.sum(0).tolist()]
@@ -338,6 +363,15 @@ class CBDPSampler(Sampler[int]):
                     room[o] -= 1
                 dropped.append(i)
         return dropped
+
+
+def _ratio(score: np.ndarray, threshold) -> np.ndarray:
+    """score / threshold, where "below the threshold" stays "below 1" for any sign and a zero threshold."""
+    threshold = np.asarray(threshold, dtype=np.float64)
+    below = score < threshold
+    safe = np.where(threshold > 0, threshold, 1.0)
+    ratio = np.where(threshold > 0, score / safe, np.where(below, 0.0, np.inf))
+    return np.where(below, np.minimum(ratio, np.nextafter(1.0, 0.0)), np.maximum(ratio, 1.0))
 
 
 def _index_organs(sample_organs: Iterable[Sequence[str]]) -> tuple[list[tuple[int, ...]], tuple[str, ...]]:
@@ -354,7 +388,7 @@ def _index_organs(sample_organs: Iterable[Sequence[str]]) -> tuple[list[tuple[in
     return [tuple(sorted({index[name] for name in organs})) for organs in rows], vocabulary
 
 
-def _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema) -> None:
+def _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema, budget) -> None:
     if not isinstance(num_epochs, int) or num_epochs < 1:
         raise ValueError(f"num_epochs must be a positive int, got {num_epochs!r}")
     if not 0 <= prune_ratio < 1:
@@ -369,6 +403,8 @@ def _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, r
         raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
     if not isinstance(rank, int) or not 0 <= rank < num_replicas:
         raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
     if not 0 <= ema < 1:

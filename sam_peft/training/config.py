@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..prompts.behaviours import BEHAVIOURS
-from ..pruning import STRATEGIES
+from ..pruning import BUDGETS, STRATEGIES
 
 
 @dataclass
@@ -38,6 +38,7 @@ class TrainConfig:
     # CBDP
     pruning: str = "cbdp"
     prune_ratio: float = 0.5
+    prune_budget: str = "pool"  # prune_ratio of the well-learned samples, or of the "dataset" (the paper's budget)
     anneal: float = 0.875
     # optimisation
     epochs: int = 10
@@ -99,6 +100,7 @@ class TrainConfig:
              "set frozen_encoder: false to train encoder adapters"),
             (self.pruning in STRATEGIES, f"pruning must be one of {STRATEGIES}, got {self.pruning!r}"),
             (0 <= self.prune_ratio < 1, f"prune_ratio must be in [0, 1), got {self.prune_ratio}"),
+            (self.prune_budget in BUDGETS, f"prune_budget must be one of {BUDGETS}, got {self.prune_budget!r}"),
             (0 <= self.anneal <= 1, f"anneal must be in [0, 1], got {self.anneal}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),

@@ -138,7 +138,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     sample_organs = [[o for o, n in zip(organs, pixels) if n >= min_pixels]
                      for organs, pixels in zip(train_set["organs"], train_set["organ_pixels"])]
     sampler = CBDPSampler(sample_organs, num_epochs=config.epochs, prune_ratio=config.prune_ratio,
-                          anneal=config.anneal, seed=config.seed, strategy=config.pruning)
+                          anneal=config.anneal, seed=config.seed, strategy=config.pruning,
+                          budget=config.prune_budget)
     collator = PHPGCollator(processor, organ_names, behaviours=config.behaviours, max_regions=config.max_regions,
                             min_pixels=min_pixels, seed=config.seed, include_pixels=cached is None)
     step = PHPGStep(model, rounds=config.rounds)
