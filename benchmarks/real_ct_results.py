@@ -5,7 +5,7 @@ contiguous block of axial slices (the upper end of the abdomen, `--holdout` of t
 is held out for evaluation and the rest trains. Every recipe is evaluated with the full simulated-user
 protocol. Frozen-encoder mode (decoder LoRA + heads on cached embeddings) so it runs on a CPU.
 
-    python benchmarks/real_ct_results.py --epochs 3 --output runs/real_ct
+    python benchmarks/real_ct_results.py --epochs 15 --output runs/real_ct15
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def prepared_split(output: Path, holdout: float) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/real_ct")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--holdout", type=float, default=0.25)
     parser.add_argument("--max-regions", type=int, default=4)
     parser.add_argument("--noc", action="store_true", help="also NoC@85/90 (20 clicks per instance: slow on CPU)")
