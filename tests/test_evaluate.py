@@ -13,8 +13,8 @@ from transformers import SamConfig, SamModel
 from sam_peft.cli import main
 from sam_peft.data import Volume, VolumeCase, make_phantom, prepare, prepare_volumes, read_metadata
 from sam_peft.evaluation import EVAL_BEHAVIOURS, clicks_to_reach, dice_from_counts, evaluate, surface_dice
-from sam_peft.models import apply_lora, save_adapter
-from sam_peft.models.decoding import sam_of
+from sam_peft.models import apply_lora, processor_for, save_adapter
+from sam_peft.models.decoding import encode_images, sam_of
 
 ORGANS = ["spleen", "kidney_left", "liver"]
 CT_SLICES = [88, 96]  # display axial slices of the real CT, each with 3 of ORGANS (>= 100 px)
@@ -164,6 +164,25 @@ def test_results_do_not_depend_on_batching(tiny_model, mixed_shapes):
             assert a == pytest.approx(b, abs=1e-6)
     assert runs[0]["dice_vs_clicks"] == pytest.approx(runs[1]["dice_vs_clicks"], abs=1e-6)
     assert runs[0]["noc"] is None and runs[0]["settings"]["split"] is None
+
+
+def test_cached_embeddings_replace_the_encoder(tiny_model, mixed_shapes):
+    processor = processor_for(tiny_model)
+    with torch.inference_mode():
+        cache = torch.cat([encode_images(tiny_model, processor.preprocess(image)[None])
+                           for image in mixed_shapes.with_format("numpy")["image"]])
+    settings = dict(behaviours=["jitter_box", "clicks_3"], noc=False, min_pixels=30, progress=False)
+    images, hook = _count_encoded(tiny_model)
+    try:
+        cached = evaluate(tiny_model, mixed_shapes, image_embeddings=cache, **settings)
+    finally:
+        hook.remove()
+    assert images == []
+    fresh = evaluate(tiny_model, mixed_shapes, **settings)
+    for behaviour in settings["behaviours"]:
+        assert cached["dice"][behaviour]["per_organ"] == pytest.approx(fresh["dice"][behaviour]["per_organ"], abs=1e-6)
+    with pytest.raises(ValueError, match=f"image_embeddings has 2 rows, the evaluated split {len(mixed_shapes)}"):
+        evaluate(tiny_model, mixed_shapes, image_embeddings=cache[:2], **settings)
 
 
 def test_validation_subset_restores_training_mode(tiny_model, mixed_shapes):

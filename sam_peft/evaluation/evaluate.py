@@ -78,6 +78,7 @@ def evaluate(
     organs: Sequence[str] | None = None,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    image_embeddings: torch.Tensor | None = None,
 ) -> dict:
     """Evaluate a SamModel / PeftModel on a prepared dataset (or its path) with simulated users.
 
@@ -85,7 +86,8 @@ def evaluate(
     `dice_3d` and `nsd` per behaviour ({"mean", "per_organ"}, 3D also "per_case"), `noc` {"85", "90"}
     (None without `noc`), `dice_vs_clicks`, `spread`, counts and `slices_per_second`. `organs` restricts
     the evaluation to these organ names. The model's train/eval mode is restored afterwards, so a trainer
-    can validate with a subset of behaviours and `noc=False`.
+    can validate with a subset of behaviours and `noc=False`. `image_embeddings`: the (N, C, h, w) encoder
+    output for every row of the evaluated split (a frozen-encoder cache), so validation skips the encoder.
     """
     behaviours = _check_behaviours(behaviours, noc)
     organs = [organs] if isinstance(organs, str) else organs
@@ -94,6 +96,8 @@ def evaluate(
                          f"{min_pixels}")
     dataset, organ_names, split = _load_split(data, split)
     keep = _organ_ids(organs, organ_names)
+    if image_embeddings is not None and len(image_embeddings) != len(dataset):
+        raise ValueError(f"image_embeddings has {len(image_embeddings)} rows, the evaluated split {len(dataset)}")
     n_clicks = max([CLICK_SERIES[b] for b in behaviours if b in CLICK_SERIES] + [max_clicks if noc else 0])
     processor = processor_for(model)
     was_training = model.training
@@ -102,7 +106,8 @@ def evaluate(
     try:
         with torch.inference_mode():
             for batch in _batches(_slices(dataset, keep, min_pixels, progress), batch_size):
-                instances += _evaluate_batch(model, processor, batch, behaviours, n_clicks, seed, organ_names)
+                instances += _evaluate_batch(model, processor, batch, behaviours, n_clicks, seed, organ_names,
+                                             image_embeddings)
                 n_slices += len(batch)
     finally:
         model.train(was_training)
@@ -198,16 +203,20 @@ def _prompts(regions: list[tuple[_Slice, int]], masks: np.ndarray, behaviour: st
     return processor.transform_coords(points, masks.shape[-2:])[:, None], labels[:, None]
 
 
-def _evaluate_batch(model, processor, slices, behaviours, n_clicks, seed, organ_names) -> list[_Instance]:
+def _evaluate_batch(model, processor, slices, behaviours, n_clicks, seed, organ_names, cached) -> list[_Instance]:
     """Every instance of a batch of same-size slices is one row of the decoder batch (no padding rows)."""
     parameter = next(model.parameters())
     device, hw = parameter.device, slices[0].label.shape
     regions = [(s, organ) for s in slices for organ in s.organs]
     masks_np = np.stack([s.label == organ for s, organ in regions])  # (N, H, W) ground truth
     targets = torch.from_numpy(masks_np)[:, None].to(device)
-    pixels = torch.stack([processor.preprocess(s.image) for s in slices]).to(device, parameter.dtype)
     image_of = torch.tensor([i for i, s in enumerate(slices) for _ in s.organs], device=device)
-    embeddings = encode_images(model, pixels)[image_of]  # once per slice, shared by every behaviour and click
+    if cached is None:
+        pixels = torch.stack([processor.preprocess(s.image) for s in slices]).to(device, parameter.dtype)
+        embeddings = encode_images(model, pixels)
+    else:
+        embeddings = cached[[s.row for s in slices]].to(device, parameter.dtype)
+    embeddings = embeddings[image_of]  # once per slice, shared by every behaviour and click
     instances = [_Instance(s.case_id if s.plane == "axial" else f"{s.case_id}/{s.plane}", organ_names[organ - 1],
                            int(mask.sum())) for (s, organ), mask in zip(regions, masks_np)]
 

@@ -12,6 +12,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +125,13 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     set_seed(config.seed)
     processor = processor_for(base)
     cached = None
-    if config.frozen_encoder:
+    if config.frozen_encoder:  # the encoder's output never changes: cache it for training and validation
         cache_dir = config.cache_dir or output.parent / ".embedding_cache"
         with accelerator.main_process_first():
-            cached = image_embeddings(base, train_set, processor, cache_dir, device=accelerator.device,
-                                      progress=accelerator.is_local_main_process)
+            cached, val_cached = (image_embeddings(base, rows, processor, cache_dir, device=accelerator.device,
+                                                   progress=accelerator.is_local_main_process)
+                                  for rows in (train_set, val_set))
+        evaluate = partial(evaluate, image_embeddings=val_cached)
     model = apply_lora(base, config.lora_preset, r=config.lora_r, alpha=config.lora_alpha,
                        dropout=config.lora_dropout, train_heads=config.train_heads,
                        verbose=accelerator.is_main_process)
