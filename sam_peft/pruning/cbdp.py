@@ -73,7 +73,8 @@ class CBDPSampler(Sampler[int]):
         anneal: fraction of the epochs that may prune, in [0, 1].
         seed: non-negative seed; with the epoch it fixes every random choice.
         strategy: ``"none"``, ``"random"`` (a static random subset of ``floor(prune_ratio * N / 2)``
-            samples dropped before the anneal point, weight 1), ``"infobatch"`` (class-agnostic: a sample's
+            samples, ``floor(prune_ratio * N)`` with ``budget="dataset"``, dropped before the anneal point,
+            weight 1), ``"infobatch"`` (class-agnostic: a sample's
             score is the mean of its regions' scores, one global mean threshold) or ``"cbdp"`` (per-organ
             mean thresholds, a per-organ cap).
         num_replicas, rank: the shard to yield; default to torch.distributed's world size and rank.
