@@ -27,14 +27,13 @@ import yaml
 from sam_peft import TrainConfig, train
 from sam_peft.data import phantom_cases, prepare_volumes
 
-RUNS = {  # name -> (strategy, budget, organ cap)
-    "none": ("none", "pool", "ratio"),
-    "random": ("random", "dataset", "ratio"),
-    "infobatch": ("infobatch", "dataset", "ratio"),
-    "cbdp": ("cbdp", "dataset", "ratio"),
-    "cbdp-difficulty": ("cbdp", "dataset", "difficulty"),
-    "cbdp-pool": ("cbdp", "pool", "ratio"),
-    "infobatch-pool": ("infobatch", "pool", "ratio"),
+RUNS = {  # name -> (strategy, budget)
+    "none": ("none", "pool"),
+    "random": ("random", "dataset"),
+    "infobatch": ("infobatch", "dataset"),
+    "cbdp": ("cbdp", "dataset"),
+    "cbdp-pool": ("cbdp", "pool"),
+    "infobatch-pool": ("infobatch", "pool"),
 }
 _WHERE = ("output_dir", "cache_dir")  # where a run was written does not change what it computes
 
@@ -47,8 +46,11 @@ def run_or_reuse(config: TrainConfig) -> dict:
     """Train, unless `output_dir` already holds a finished run of the same configuration."""
     output = Path(config.output_dir)
     if (output / "metrics.json").exists() and (output / "config.yaml").exists():
-        saved = TrainConfig.from_dict(yaml.safe_load((output / "config.yaml").read_text())).to_dict()
-        if all(saved[k] == v for k, v in config.to_dict().items() if k not in _WHERE):
+        try:
+            saved = TrainConfig.from_dict(yaml.safe_load((output / "config.yaml").read_text())).to_dict()
+        except ValueError:  # written by another version: retrain
+            saved = {}
+        if all(saved.get(k) == v for k, v in config.to_dict().items() if k not in _WHERE):
             print(f"reusing the finished run in {output}")
             return json.loads((output / "metrics.json").read_text())
     return train(config, overwrite=True)
@@ -154,11 +156,11 @@ def main() -> None:
     by_seed: dict[int, dict[str, dict]] = {}
     for seed in seeds:
         for name in names:
-            strategy, budget, organ_cap = RUNS[name]
+            strategy, budget = RUNS[name]
             config = TrainConfig.from_dict(dict(
                 model=args.model, data=data, epochs=args.epochs, pruning=strategy, prune_budget=budget,
-                prune_organ_cap=organ_cap, prune_ratio=args.prune_ratio,
-                behaviours={b: 1.0 for b in args.behaviours.split(",")}, batch_size=8, rounds=args.rounds,
+                prune_ratio=args.prune_ratio, behaviours={b: 1.0 for b in args.behaviours.split(",")},
+                batch_size=8, rounds=args.rounds,
                 max_regions=args.max_regions, lr=args.lr, seed=seed, log_with=None,
                 eval_behaviours=["tight_box", "jitter_box"],
                 output_dir=str(output / f"seed{seed}" / name), cache_dir=str(output / "cache")))

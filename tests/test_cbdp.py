@@ -100,24 +100,6 @@ def test_dataset_budget_ranks_by_loss_relative_to_the_organ(strategy):
         assert summary["pruned_per_organ"] == {"easy": 10, "hard": 2}
 
 
-def test_difficulty_cap_protects_the_organ_learned_worst():
-    # As above; the hard organ's mean loss (1.45) is 1.8x the mean of the organ means (0.7975), so under
-    # organ_cap="difficulty" it may lose floor(0.6 * 10 * 0.7975 / 1.45) = 3 samples, not 6; the easy organ
-    # keeps its full share (6) and the budget of 12 is not reached rather than taken from the hard organ.
-    organs = [["easy"]] * 10 + [["hard"]] * 10
-    losses = {(i, "easy"): 0.1 + 0.01 * i for i in range(10)} | {(i, "hard"): 1.0 + 0.1 * (i - 10) for i in range(10, 20)}
-    sampler = scored_sampler(organs, losses, budget="dataset", prune_ratio=0.6, organ_cap="difficulty")
-    summary = sampler.epoch_summary()
-    assert summary["pruned_per_organ"] == {"easy": 6, "hard": 3} and summary["organ_cap"] == "difficulty"
-    assert len(set(range(10, 15)) - kept(sampler)) == 3  # from the hard organ's well-learned pool
-    pool = scored_sampler(organs, losses, prune_ratio=0.6, organ_cap="difficulty").epoch_summary()
-    assert pool["pruned_per_organ"]["hard"] <= 3
-    # with every organ equally hard the difficulty cap is the ratio cap
-    even = {(i, o): float(i % 10) for i, (o,) in enumerate(organs)}
-    assert (scored_sampler(organs, even, budget="dataset", organ_cap="difficulty").epoch_summary()["pruned_per_organ"]
-            == scored_sampler(organs, even, budget="dataset").epoch_summary()["pruned_per_organ"])
-
-
 def test_dataset_budget_for_random_and_multi_organ_caps():
     assert scored_sampler(LIVER, LIVER_LOSSES, strategy="random", budget="dataset").epoch_summary()["pruned"] == 10
     losses = {(i, o): float((i * 7 + len(o)) % 5) for i, organs in enumerate(ORGANS) for o in organs}
@@ -256,8 +238,6 @@ def test_load_state_dict_rejects_another_run():
         CBDPSampler(ORGANS, num_epochs=6, seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="num_samples"):
         CBDPSampler(ORGANS[:-1], num_epochs=6, seed=4).load_state_dict(state)
-    with pytest.raises(ValueError, match="organ_cap"):
-        CBDPSampler(ORGANS, num_epochs=6, seed=4, organ_cap="difficulty").load_state_dict(state)
 
 
 def test_empty_dataset():
@@ -311,7 +291,6 @@ def test_dataloader_with_workers():
         ({"score": "max"}, "latest, ema"),
         ({"ema": 1.0}, "ema"),
         ({"budget": "all"}, "pool, dataset"),
-        ({"organ_cap": "size"}, "ratio, difficulty"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -49,8 +49,6 @@ def test_config_errors_name_the_problem():
         TrainConfig.from_dict({"pruning": "cbdp", "epochs": 1})
     with pytest.raises(ValueError, match="prune_budget must be one of"):
         TrainConfig.from_dict({"prune_budget": "all"})
-    with pytest.raises(ValueError, match="prune_organ_cap must be one of"):
-        TrainConfig.from_dict({"prune_organ_cap": "size"})
     with pytest.raises(ValueError, match="frozen_encoder"):
         TrainConfig.from_dict({"lora_preset": "encoder+decoder", "frozen_encoder": True})
     config = TrainConfig.from_dict(parse_overrides(["--lr", "1e-4", "--frozen-encoder", "false", "--lora-preset",
@@ -64,8 +62,7 @@ def test_config_errors_name_the_problem():
 
 def test_train_end_to_end_writes_adapter_card_and_metrics(setup, tmp_path):
     out = tmp_path / "run"
-    result = train(TrainConfig.from_dict(_config(setup, out, pruning="cbdp", prune_ratio=0.5, prune_budget="dataset",
-                                                prune_organ_cap="difficulty")))
+    result = train(TrainConfig.from_dict(_config(setup, out, pruning="cbdp", prune_ratio=0.5, prune_budget="dataset")))
     assert result["steps"] > 0 and result["epochs"] == 4
     assert 0 <= result["final"]["dice"]["tight_box"]["mean"] <= 1
     for name in ("config.yaml", "metrics.json", "adapter/adapter_config.json", "adapter/sam_peft.json",

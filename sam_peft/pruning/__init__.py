@@ -1,4 +1,4 @@
 """Dynamic data pruning for training: the CBDP sampler and its baselines."""
-from .cbdp import BUDGETS, ORGAN_CAPS, STRATEGIES, CBDPSampler
+from .cbdp import BUDGETS, STRATEGIES, CBDPSampler
 
-__all__ = ["BUDGETS", "ORGAN_CAPS", "STRATEGIES", "CBDPSampler"]
+__all__ = ["BUDGETS", "STRATEGIES", "CBDPSampler"]

@@ -19,7 +19,6 @@ from torch.utils.data import Sampler
 
 STRATEGIES = ("none", "random", "infobatch", "cbdp")
 BUDGETS = ("pool", "dataset")
-ORGAN_CAPS = ("ratio", "difficulty")
 SCORES = ("latest", "ema")
 
 # Random streams, one per purpose; seeds are always (seed, epoch, purpose), since numpy's SeedSequence
@@ -89,19 +88,14 @@ class CBDPSampler(Sampler[int]):
             the pool is used up, the next drops are the samples learned best relative to their organs
             (lowest worst-region score / organ threshold under cbdp, lowest score / global mean under
             infobatch). Never-scored samples are never dropped.
-        organ_cap: how many samples each organ may lose under cbdp. ``"ratio"``: ``floor(prune_ratio * n)``
-            of its ``n`` samples. ``"difficulty"``: that share scaled by ``min(1, m / m_organ)``, where
-            ``m_organ`` is the organ's mean score and ``m`` the mean of all organs' means, so an organ learned
-            worse than the average organ loses proportionally fewer samples (hard organs keep their data).
 
     A sample is well learned when at least one of its regions is scored and every scored region is below
     the threshold (regions the collator never emits, e.g. organs under its ``min_pixels``, do not block
     it). Of the well-learned pool ``floor(prune_ratio * len(pool))`` samples are dropped (``budget="pool"``;
     ``floor(prune_ratio * N)`` with ``"dataset"``), the pool's members first, chosen at random; the pool's
     kept members get weight ``1 / (1 - prune_ratio)``, every other kept sample 1, dropped ones 0.
-    Under ``cbdp`` candidates are tried in order and one whose drop would take any of its organs past its
-    cap (``floor(prune_ratio * n_organ)`` dropped samples, less for hard organs with ``organ_cap="difficulty"``)
-    is kept instead. Every strategy prunes nothing
+    Under ``cbdp`` candidates are tried in random order and one whose drop would take any of its organs
+    past ``floor(prune_ratio * n_organ)`` dropped samples is kept instead. Every strategy prunes nothing
     from the anneal point on.
     """
 
@@ -119,16 +113,14 @@ class CBDPSampler(Sampler[int]):
         score: str = "latest",
         ema: float = 0.9,
         budget: str = "pool",
-        organ_cap: str = "ratio",
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         num_replicas = num_replicas if num_replicas is not None else dist.get_world_size() if distributed else 1
         rank = rank if rank is not None else dist.get_rank() if distributed else 0
-        _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema, budget,
-                    organ_cap)
+        _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema, budget)
         self.num_epochs, self.prune_ratio, self.anneal, self.seed = num_epochs, prune_ratio, anneal, seed
         self.strategy, self.num_replicas, self.rank, self.shuffle = strategy, num_replicas, rank, shuffle
-        self.score, self.ema, self.budget, self.organ_cap = score, ema, budget, organ_cap
+        self.score, self.ema, self.budget = score, ema, budget
 
         self._sample_organs, self.organs = _index_organs(sample_organs)
         self._organ_index = {name: o for o, name in enumerate(self.organs)}
@@ -202,7 +194,6 @@ class CBDPSampler(Sampler[int]):
             "epoch": self.epoch,
             "strategy": self.strategy,
             "budget": self.budget,
-            "organ_cap": self.organ_cap,
             "kept": int((~pruned).sum()),
             "pruned": int(pruned.sum()),
             "kept_fraction": float((~pruned).mean()) if self.num_samples else 1.0,
@@ -225,7 +216,6 @@ class CBDPSampler(Sampler[int]):
             "seed": self.seed,
             "strategy": self.strategy,
             "budget": self.budget,
-            "organ_cap": self.organ_cap,
             "epoch": self.epoch,
             "scores": torch.from_numpy(self._scores.copy()),
             "pending": {key: torch.from_numpy(a.copy()) for key, a in zip(_PENDING_KEYS, self._merged)},
@@ -235,8 +225,7 @@ class CBDPSampler(Sampler[int]):
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`: the same epoch plan, and the same plans after it."""
         for key, mine in (("num_samples", self.num_samples), ("organs", list(self.organs)),
-                          ("seed", self.seed), ("strategy", self.strategy), ("budget", self.budget),
-                          ("organ_cap", self.organ_cap)):
+                          ("seed", self.seed), ("strategy", self.strategy), ("budget", self.budget)):
             if key not in state:
                 raise ValueError(f"load_state_dict: state has no {key!r}; not a CBDPSampler state")
             if state[key] != mine:
@@ -354,34 +343,17 @@ class CBDPSampler(Sampler[int]):
             sample_score = filled.sum(1) / np.maximum(scored.sum(1), 1)
             ratio = _ratio(sample_score, sample_score[any_scored].mean())
         else:
-            ratio = np.where(scored, _ratio(filled, self._organ_means()), -np.inf).max(1)
+            thresholds = filled.sum(0) / np.maximum(scored.sum(0), 1)
+            ratio = np.where(scored, _ratio(filled, thresholds), -np.inf).max(1)
         relative[any_scored] = ratio[any_scored]
         return relative
 
-    def _organ_means(self) -> np.ndarray:
-        """Each organ's mean score (its threshold under cbdp); NaN for an organ without scores."""
-        scored = ~np.isnan(self._scores)
-        means = np.where(scored, self._scores, 0.0).sum(0) / np.maximum(scored.sum(0), 1)
-        return np.where(scored.any(0), means, np.nan)
-
-    def _organ_room(self) -> list[int]:
-        """How many samples each organ may lose this epoch (see ``organ_cap``)."""
-        shares = self._members.sum(0).astype(np.float64)
-        if self.organ_cap == "difficulty":
-            means = self._organ_means()
-            known = np.isfinite(means)
-            if known.any():
-                average = means[known].mean()
-                scale = np.where(known & (means > average), average / np.where(means > 0, means, 1.0), 1.0)
-                shares *= np.clip(scale, 0.0, 1.0)
-        return [self._share(c) for c in shares.tolist()]
-
     def _choose_drops(self, candidates: np.ndarray, quota: int) -> list[int]:
         """The first `quota` candidates, skipping (under cbdp) any whose drop would take one of its organs
-        past its room (`_organ_room`)."""
+        past floor(prune_ratio * that organ's sample count)."""
         if self.strategy != "cbdp":
             return candidates[:quota].tolist()
-        room = self._organ_room()
+        room = [self._share(c) for c in self._members.sum(0).tolist()]
         dropped: list[int] = []
         for i in candidates.tolist():
             if len(dropped) == quota:
@@ -417,8 +389,7 @@ def _index_organs(sample_organs: Iterable[Sequence[str]]) -> tuple[list[tuple[in
     return [tuple(sorted({index[name] for name in organs})) for organs in rows], vocabulary
 
 
-def _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema, budget,
-                organ_cap) -> None:
+def _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, rank, score, ema, budget) -> None:
     if not isinstance(num_epochs, int) or num_epochs < 1:
         raise ValueError(f"num_epochs must be a positive int, got {num_epochs!r}")
     if not 0 <= prune_ratio < 1:
@@ -435,8 +406,6 @@ def _check_args(num_epochs, prune_ratio, anneal, seed, strategy, num_replicas, r
         raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
-    if organ_cap not in ORGAN_CAPS:
-        raise ValueError(f"unknown organ_cap {organ_cap!r}; valid: {', '.join(ORGAN_CAPS)}")
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
     if not 0 <= ema < 1:

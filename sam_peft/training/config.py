@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..prompts.behaviours import BEHAVIOURS
-from ..pruning import BUDGETS, ORGAN_CAPS, STRATEGIES
+from ..pruning import BUDGETS, STRATEGIES
 
 
 @dataclass
@@ -39,7 +39,6 @@ class TrainConfig:
     pruning: str = "cbdp"
     prune_ratio: float = 0.5
     prune_budget: str = "pool"  # prune_ratio of the well-learned samples, or of the "dataset" (the paper's budget)
-    prune_organ_cap: str = "ratio"  # per-organ cap: prune_ratio of its samples, or less for hard organs ("difficulty")
     anneal: float = 0.875
     # optimisation
     epochs: int = 10
@@ -102,8 +101,6 @@ class TrainConfig:
             (self.pruning in STRATEGIES, f"pruning must be one of {STRATEGIES}, got {self.pruning!r}"),
             (0 <= self.prune_ratio < 1, f"prune_ratio must be in [0, 1), got {self.prune_ratio}"),
             (self.prune_budget in BUDGETS, f"prune_budget must be one of {BUDGETS}, got {self.prune_budget!r}"),
-            (self.prune_organ_cap in ORGAN_CAPS,
-             f"prune_organ_cap must be one of {ORGAN_CAPS}, got {self.prune_organ_cap!r}"),
             (0 <= self.anneal <= 1, f"anneal must be in [0, 1], got {self.anneal}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),

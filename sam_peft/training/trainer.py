@@ -142,7 +142,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                      for organs, pixels in zip(train_set["organs"], train_set["organ_pixels"])]
     sampler = CBDPSampler(sample_organs, num_epochs=config.epochs, prune_ratio=config.prune_ratio,
                           anneal=config.anneal, seed=config.seed, strategy=config.pruning,
-                          budget=config.prune_budget, organ_cap=config.prune_organ_cap)
+                          budget=config.prune_budget)
     collator = PHPGCollator(processor, organ_names, behaviours=config.behaviours, max_regions=config.max_regions,
                             min_pixels=min_pixels, seed=config.seed, include_pixels=cached is None)
     step = PHPGStep(model, rounds=config.rounds)
