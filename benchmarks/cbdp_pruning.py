@@ -62,6 +62,14 @@ def organ_dice(run: dict) -> dict[str, float]:
     return {o: (per["tight_box"][o] + per["jitter_box"][o]) / 2 for o in per["tight_box"]}
 
 
+def print_organ_table(title: str, organs: list[str], rows: dict[str, dict[str, float]], fmt: str) -> None:
+    print(f"\n{title}")
+    print("| run | " + " | ".join(organs) + " |")
+    print("|---" * (len(organs) + 1) + "|")
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(format(values[o], fmt) for o in organs) + " |")
+
+
 def report_seed(runs: dict[str, dict], tolerance: float) -> None:
     full = runs["none"]
     target = full["history"][-1]["val_dice"] - tolerance
@@ -75,12 +83,8 @@ def report_seed(runs: dict[str, dict], tolerance: float) -> None:
                      if reach else "not reached | - | -")
         print(f"| {name} | {last['step']} | {last['step'] / full['history'][-1]['step']:.1%} | "
               f"{last['train_seconds']:.0f} | {last['val_dice']:.4f} | {to_target} |")
-    organs = sorted(organ_dice(full))
-    print("\nFinal validation Dice per organ (mean of tight_box and jitter_box):")
-    print("| run | " + " | ".join(organs) + " |")
-    print("|---" * (len(organs) + 1) + "|")
-    for name, run in runs.items():
-        print(f"| {name} | " + " | ".join(f"{organ_dice(run)[o]:.3f}" for o in organs) + " |")
+    print_organ_table("Final validation Dice per organ (mean of tight_box and jitter_box):", sorted(organ_dice(full)),
+                      {name: organ_dice(run) for name, run in runs.items()}, ".3f")
 
 
 def report_seeds(by_seed: dict[int, dict[str, dict]], tolerance: float) -> None:
@@ -88,7 +92,8 @@ def report_seeds(by_seed: dict[int, dict[str, dict]], tolerance: float) -> None:
     names = list(next(iter(by_seed.values())))
     print(f"\nSummary over seeds {sorted(by_seed)}: medians of per-seed values, each run paired with full "
           "training of its seed")
-    print("| run | iterations vs full | final Dice | Dice - full | seeds reaching target | iterations to target vs full |")
+    print("| run | iterations vs full | final Dice | Dice - full | seeds reaching target "
+          "| iterations to target vs full |")
     print("|---|---|---|---|---|---|")
     for name in names:
         ratios, finals, deltas, reach_ratios = [], [], [], []
@@ -105,13 +110,9 @@ def report_seeds(by_seed: dict[int, dict[str, dict]], tolerance: float) -> None:
         print(f"| {name} | {statistics.median(ratios):.1%} | {statistics.median(finals):.4f} | "
               f"{statistics.median(deltas):+.4f} | {len(reach_ratios)}/{len(by_seed)} | {to_target} |")
     organs = sorted(organ_dice(next(iter(by_seed.values()))["none"]))
-    print("\nFinal Dice per organ minus full training's, median over seeds:")
-    print("| run | " + " | ".join(organs) + " |")
-    print("|---" * (len(organs) + 1) + "|")
-    for name in names[1:]:
-        deltas = {o: statistics.median(organ_dice(runs[name])[o] - organ_dice(runs["none"])[o]
-                                       for runs in by_seed.values()) for o in organs}
-        print(f"| {name} | " + " | ".join(f"{deltas[o]:+.3f}" for o in organs) + " |")
+    deltas = {name: {o: statistics.median(organ_dice(runs[name])[o] - organ_dice(runs["none"])[o]
+                                          for runs in by_seed.values()) for o in organs} for name in names[1:]}
+    print_organ_table("Final Dice per organ minus full training's, median over seeds:", organs, deltas, "+.3f")
 
 
 def main() -> None:
@@ -160,9 +161,8 @@ def main() -> None:
             config = TrainConfig.from_dict(dict(
                 model=args.model, data=data, epochs=args.epochs, pruning=strategy, prune_budget=budget,
                 prune_ratio=args.prune_ratio, behaviours={b: 1.0 for b in args.behaviours.split(",")},
-                batch_size=8, rounds=args.rounds,
-                max_regions=args.max_regions, lr=args.lr, seed=seed, log_with=None,
-                eval_behaviours=["tight_box", "jitter_box"],
+                batch_size=8, rounds=args.rounds, max_regions=args.max_regions, lr=args.lr, seed=seed,
+                log_with=None, eval_behaviours=["tight_box", "jitter_box"],
                 output_dir=str(output / f"seed{seed}" / name), cache_dir=str(output / "cache")))
             by_seed.setdefault(seed, {})[name] = run_or_reuse(config)
 
