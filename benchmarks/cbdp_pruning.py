@@ -2,30 +2,45 @@
 
 For each run (full training, static random pruning, InfoBatch, CBDP; `pool` / `dataset` say what the
 prune ratio is a share of, see `CBDPSampler`) and each seed, the same PHPG run is trained (frozen encoder,
-decoder LoRA + heads) and validated every epoch. Printed per seed: total iterations and training seconds,
-the iterations and seconds at which validation Dice first reached what full training of that seed ends with
-(minus `--tolerance`), their ratio to full training, and the final validation Dice per organ. With several
-seeds, a summary pairs every run with full training of the same seed and quotes medians.
+decoder LoRA + heads) and validated every epoch, on the GPU when there is one (accelerate's choice). Printed
+per seed: total iterations and training seconds, the iterations and seconds at which validation Dice first
+reached what full training of that seed ends with (minus `--tolerance`), their ratio to full training, and
+the final validation Dice per organ. With several seeds, a summary pairs every run with full training of
+the same seed and quotes medians. The tables are also written to `--tables` (default
+`<output>/tables.md`), headed by the command and the device.
 
 A finished run whose configuration matches is reused, not retrained: seeds can be split over processes
-sharing one `--output`, and a last call with all seeds prints the summary.
+sharing one `--output`, and a last call with all seeds prints the summary. Runs go seed by seed;
+`--time-budget` stops starting new runs once the next one (estimated as the longest so far) would end past
+it, and reports the finished ones.
 
-    # a phantom set of 32 x 32 = 1024 training slices (+ 2 validation cases), box prompts, one round
-    python benchmarks/cbdp_pruning.py --cases 34 --val-cases 2 --slices 32 --epochs 8 --output runs/cbdp
-    # a prepared dataset with train / validation splits (e.g. the real CT split of real_ct_results.py)
-    python benchmarks/cbdp_pruning.py --data runs/real_ct/prepared --epochs 16 --seeds 0,1,2 --output runs/cbdp_ct
+    # a phantom set of 32 x 32 = 1024 training slices (+ 1 validation case), box prompts, one round
+    python benchmarks/cbdp_pruning.py --cases 33 --val-cases 1 --slices 32 --epochs 8 --output runs/cbdp
+    # the real CT split of real_ct_results.py, prepared here from the TotalSegmentator example
+    python benchmarks/cbdp_pruning.py --real-ct --epochs 16 --seeds 0,1,2 --output runs/cbdp_ct
+    # the paper's setting (full PHPG mixture, 3 rounds, up to 4 organs per slice, 32 epochs), for a GPU;
+    # benchmarks/README.md runs each seed in its own process
+    python benchmarks/cbdp_pruning.py --real-ct --behaviours all --rounds 3 --max-regions 4 --epochs 32 \\
+        --seeds 0,1,2 --runs none,cbdp,infobatch,random --time-budget 360 --output runs/cbdp_ct32
+    # --time-budget 0 trains nothing: it prepares the data, or reports the finished runs
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
+import time
 from pathlib import Path
 
+import torch
 import yaml
 
+from real_ct_results import SHARED, prepared_split
 from sam_peft import TrainConfig, train
 from sam_peft.data import phantom_cases, prepare_volumes
+from sam_peft.io import atomic_path
 
 RUNS = {  # name -> (strategy, budget)
     "none": ("none", "pool"),
@@ -36,24 +51,25 @@ RUNS = {  # name -> (strategy, budget)
     "infobatch-pool": ("infobatch", "pool"),
 }
 _WHERE = ("output_dir", "cache_dir")  # where a run was written does not change what it computes
+REAL_CT_HOLDOUT = 0.25  # real_ct_results.py's default: the top quarter of the organ-bearing slices
 
 
 def first_reach(history: list[dict], target: float) -> dict | None:
     return next((h for h in history if h["val_dice"] >= target), None)
 
 
-def run_or_reuse(config: TrainConfig) -> dict:
-    """Train, unless `output_dir` already holds a finished run of the same configuration."""
+def finished_run(config: TrainConfig) -> dict | None:
+    """The metrics of a finished run of the same configuration in `output_dir`, if there is one."""
     output = Path(config.output_dir)
-    if (output / "metrics.json").exists() and (output / "config.yaml").exists():
-        try:
-            saved = TrainConfig.from_dict(yaml.safe_load((output / "config.yaml").read_text())).to_dict()
-        except ValueError:  # written by another version: retrain
-            saved = {}
-        if all(saved.get(k) == v for k, v in config.to_dict().items() if k not in _WHERE):
-            print(f"reusing the finished run in {output}")
-            return json.loads((output / "metrics.json").read_text())
-    return train(config, overwrite=True)
+    if not ((output / "metrics.json").exists() and (output / "config.yaml").exists()):
+        return None
+    try:
+        saved = TrainConfig.from_dict(yaml.safe_load((output / "config.yaml").read_text())).to_dict()
+    except ValueError:  # written by another version: retrain
+        return None
+    if any(saved.get(k) != v for k, v in config.to_dict().items() if k not in _WHERE):
+        return None
+    return json.loads((output / "metrics.json").read_text())
 
 
 def organ_dice(run: dict) -> dict[str, float]:
@@ -62,39 +78,38 @@ def organ_dice(run: dict) -> dict[str, float]:
     return {o: (per["tight_box"][o] + per["jitter_box"][o]) / 2 for o in per["tight_box"]}
 
 
-def print_organ_table(title: str, organs: list[str], rows: dict[str, dict[str, float]], fmt: str) -> None:
-    print(f"\n{title}")
-    print("| run | " + " | ".join(organs) + " |")
-    print("|---" * (len(organs) + 1) + "|")
+def organ_table(title: str, organs: list[str], rows: dict[str, dict[str, float]], fmt: str) -> list[str]:
+    lines = ["", title, "", "| run | " + " | ".join(organs) + " |", "|---" * (len(organs) + 1) + "|"]
     for name, values in rows.items():
-        print(f"| {name} | " + " | ".join(format(values[o], fmt) for o in organs) + " |")
+        lines.append(f"| {name} | " + " | ".join(format(values[o], fmt) for o in organs) + " |")
+    return lines
 
 
-def report_seed(runs: dict[str, dict], tolerance: float) -> None:
+def seed_tables(runs: dict[str, dict], tolerance: float) -> list[str]:
     full = runs["none"]
     target = full["history"][-1]["val_dice"] - tolerance
     full_reach = first_reach(full["history"], target)
-    print(f"target = full training's final validation Dice {target + tolerance:.4f} - {tolerance}")
-    print("| run | iterations | vs full | train s | final Dice | iterations to target | vs full | s to target |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"target = full training's final validation Dice {target + tolerance:.4f} - {tolerance}", "",
+             "| run | iterations | vs full | train s | final Dice | iterations to target | vs full | s to target |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         last, reach = run["history"][-1], first_reach(run["history"], target)
         to_target = (f"{reach['step']} | {reach['step'] / full_reach['step']:.1%} | {reach['train_seconds']:.0f}"
                      if reach else "not reached | - | -")
-        print(f"| {name} | {last['step']} | {last['step'] / full['history'][-1]['step']:.1%} | "
-              f"{last['train_seconds']:.0f} | {last['val_dice']:.4f} | {to_target} |")
-    print_organ_table("Final validation Dice per organ (mean of tight_box and jitter_box):", sorted(organ_dice(full)),
-                      {name: organ_dice(run) for name, run in runs.items()}, ".3f")
+        lines.append(f"| {name} | {last['step']} | {last['step'] / full['history'][-1]['step']:.1%} | "
+                     f"{last['train_seconds']:.0f} | {last['val_dice']:.4f} | {to_target} |")
+    return lines + organ_table("Final validation Dice per organ (mean of tight_box and jitter_box):",
+                               sorted(organ_dice(full)), {name: organ_dice(run) for name, run in runs.items()}, ".3f")
 
 
-def report_seeds(by_seed: dict[int, dict[str, dict]], tolerance: float) -> None:
+def summary_tables(by_seed: dict[int, dict[str, dict]], tolerance: float) -> list[str]:
     """Each run against full training of the same seed; medians over seeds."""
     names = list(next(iter(by_seed.values())))
-    print(f"\nSummary over seeds {sorted(by_seed)}: medians of per-seed values, each run paired with full "
-          "training of its seed")
-    print("| run | iterations vs full | final Dice | Dice - full | seeds reaching target "
-          "| iterations to target vs full |")
-    print("|---|---|---|---|---|---|")
+    lines = ["", f"Summary over seeds {sorted(by_seed)}: medians of per-seed values, each run paired with full "
+             "training of its seed", "",
+             "| run | iterations vs full | final Dice | Dice - full | seeds reaching target "
+             "| iterations to target vs full |",
+             "|---|---|---|---|---|---|"]
     for name in names:
         ratios, finals, deltas, reach_ratios = [], [], [], []
         for runs in by_seed.values():
@@ -107,18 +122,53 @@ def report_seeds(by_seed: dict[int, dict[str, dict]], tolerance: float) -> None:
             if reach:
                 reach_ratios.append(reach["step"] / first_reach(full, target)["step"])
         to_target = f"{statistics.median(reach_ratios):.1%}" if reach_ratios else "-"
-        print(f"| {name} | {statistics.median(ratios):.1%} | {statistics.median(finals):.4f} | "
-              f"{statistics.median(deltas):+.4f} | {len(reach_ratios)}/{len(by_seed)} | {to_target} |")
+        lines.append(f"| {name} | {statistics.median(ratios):.1%} | {statistics.median(finals):.4f} | "
+                     f"{statistics.median(deltas):+.4f} | {len(reach_ratios)}/{len(by_seed)} | {to_target} |")
     organs = sorted(organ_dice(next(iter(by_seed.values()))["none"]))
     deltas = {name: {o: statistics.median(organ_dice(runs[name])[o] - organ_dice(runs["none"])[o]
                                           for runs in by_seed.values()) for o in organs} for name in names[1:]}
-    print_organ_table("Final Dice per organ minus full training's, median over seeds:", organs, deltas, "+.3f")
+    return lines + organ_table("Final Dice per organ minus full training's, median over seeds:", organs, deltas,
+                               "+.3f")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def prepare_phantom(output: Path, cases: int, val_cases: int, slices: int) -> str:
+    """The seeded phantom under `output/data`, made once for processes sharing one `--output`."""
+    data = output / "data"
+    phantom = {"cases": cases, "val_cases": val_cases, "slices": slices}
+    made = output / "phantom.json"
+    if not made.exists() or json.loads(made.read_text()) != phantom:
+        prepare_volumes(phantom_cases(cases, seed=0, shape=(slices, 160, 160)), output=data, overwrite=True,
+                        label_map="flare22", val_fraction=val_cases / cases, seed=0)
+        made.write_text(json.dumps(phantom))
+    return str(data)
+
+
+def prepare_real_ct(output: Path, source: Path) -> str:
+    """real_ct_results.py's split of the real CT in `source`, under `output/real_ct`, made once."""
+    missing = [f for f in ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz") if not (source / f).is_file()]
+    if missing:
+        raise SystemExit(f"--real-ct: {source} lacks {', '.join(missing)} (the TotalSegmentator example CT); "
+                         "pass the folder that holds them")
+    made = output / "real_ct.json"
+    if not made.exists() or json.loads(made.read_text()) != {"holdout": REAL_CT_HOLDOUT}:
+        prepared_split(output / "real_ct", REAL_CT_HOLDOUT, source)
+        made.write_text(json.dumps({"holdout": REAL_CT_HOLDOUT}))
+    return str(output / "real_ct" / "prepared")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/cbdp")
-    parser.add_argument("--data", help="a prepared dataset with train and validation splits (default: a phantom)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", help="a prepared dataset with train and validation splits (default: a phantom)")
+    source.add_argument("--real-ct", nargs="?", const=str(SHARED), type=Path, metavar="DIR",
+                        help=f"prepare real_ct_results.py's split of the real CT in DIR (default {SHARED})")
     parser.add_argument("--cases", type=int, default=34, help="phantom cases, validation cases included")
     parser.add_argument("--val-cases", type=int, default=2)
     parser.add_argument("--slices", type=int, default=32, help="axial slices per phantom case")
@@ -127,12 +177,18 @@ def main() -> None:
     parser.add_argument("--runs", default="none,random,infobatch,cbdp,cbdp-pool", help=f"from {list(RUNS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (LoRA init, prompts, order)")
     parser.add_argument("--behaviours", default="tight_box,jitter_box,loose_box",
-                        help="PHPG mixture, comma-separated (box prompts decode one mask: cheap on a CPU)")
+                        help="PHPG mixture, comma-separated, or 'all' (every behaviour, equal weights; box "
+                             "prompts decode one mask: cheap on a CPU)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--max-regions", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--tolerance", type=float, default=0.005, help="Dice below full training still counted")
     parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="start no run that would end (at the longest run's duration) past this many seconds")
+    parser.add_argument("--tables", type=Path, help="where to write the tables (default <output>/tables.md)")
     args = parser.parse_args()
     names = args.runs.split(",")
     if unknown := set(names) - set(RUNS):
@@ -143,38 +199,57 @@ def main() -> None:
         seeds = sorted({int(s) for s in args.seeds.split(",")})
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    behaviours = None if args.behaviours == "all" else {b: 1.0 for b in args.behaviours.split(",")}
+    started = time.monotonic()
     output = Path(args.output)
-    data = args.data
-    if data is None:
-        data = str(output / "data")
-        phantom = {"cases": args.cases, "val_cases": args.val_cases, "slices": args.slices}
-        made = output / "phantom.json"  # processes sharing one --output share one phantom
-        if not made.exists() or json.loads(made.read_text()) != phantom:
-            prepare_volumes(phantom_cases(args.cases, seed=0, shape=(args.slices, 160, 160)), output=data,
-                            overwrite=True, label_map="flare22", val_fraction=args.val_cases / args.cases, seed=0)
-            made.write_text(json.dumps(phantom))
+    if args.real_ct is not None:
+        data = prepare_real_ct(output, args.real_ct)
+    else:
+        data = args.data or prepare_phantom(output, args.cases, args.val_cases, args.slices)
 
     by_seed: dict[int, dict[str, dict]] = {}
+    longest, skipped = 0.0, []
     for seed in seeds:
         for name in names:
             strategy, budget = RUNS[name]
             config = TrainConfig.from_dict(dict(
                 model=args.model, data=data, epochs=args.epochs, pruning=strategy, prune_budget=budget,
-                prune_ratio=args.prune_ratio, behaviours={b: 1.0 for b in args.behaviours.split(",")},
-                batch_size=8, rounds=args.rounds, max_regions=args.max_regions, lr=args.lr, seed=seed,
-                log_with=None, eval_behaviours=["tight_box", "jitter_box"],
+                prune_ratio=args.prune_ratio, behaviours=behaviours, batch_size=args.batch_size,
+                rounds=args.rounds, max_regions=args.max_regions, lr=args.lr, seed=seed, log_with=None,
+                mixed_precision=args.mixed_precision, eval_behaviours=["tight_box", "jitter_box"],
                 output_dir=str(output / f"seed{seed}" / name), cache_dir=str(output / "cache")))
-            by_seed.setdefault(seed, {})[name] = run_or_reuse(config)
+            run = finished_run(config)
+            if run is not None:
+                print(f"reusing the finished run in {config.output_dir}")
+            elif args.time_budget is not None and time.monotonic() - started + longest > args.time_budget:
+                skipped.append(f"seed {seed} {name}")
+                continue
+            else:
+                run_started = time.monotonic()
+                run = train(config, overwrite=True)
+                longest = max(longest, time.monotonic() - run_started)
+            by_seed.setdefault(seed, {})[name] = run
 
-    print(f"\n{data}: {args.epochs} epochs, prune ratio {args.prune_ratio}, behaviours {args.behaviours}, "
-          f"{args.rounds} round(s)")
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    lines = [f"`{command}`", "",
+             f"{data}: {args.epochs} epochs, prune ratio {args.prune_ratio}, behaviours {args.behaviours}, "
+             f"{args.rounds} round(s), up to {args.max_regions} regions per slice, batch {args.batch_size}, "
+             f"{device_name()}, {time.monotonic() - started:.0f} s in all"]
+    if skipped:
+        lines.append(f"not run (--time-budget {args.time_budget:g} s): {', '.join(skipped)}")
     for seed, runs in by_seed.items():
-        print(f"\nseed {seed}: ", end="")
-        report_seed(runs, args.tolerance)
-    if len(seeds) > 1:
-        report_seeds(by_seed, args.tolerance)
-    (output / "results.json").write_text(json.dumps(
-        {str(seed): runs for seed, runs in by_seed.items()}, indent=2, default=float))
+        if "none" in runs:  # full training sets the target
+            table = seed_tables(runs, args.tolerance)
+            only = f"(only {', '.join(runs)}) " if len(runs) < len(names) else ""
+            lines += ["", f"seed {seed}: {only}{table[0]}", *table[1:]]
+    complete = {seed: runs for seed, runs in by_seed.items() if len(runs) == len(names)}
+    if len(complete) > 1:
+        lines += summary_tables(complete, args.tolerance)
+    print("\n".join(lines))
+    with atomic_path(args.tables or output / "tables.md") as path:
+        path.write_text("\n".join(lines) + "\n")
+    with atomic_path(output / "results.json") as path:
+        path.write_text(json.dumps({str(seed): runs for seed, runs in by_seed.items()}, indent=2, default=float))
 
 
 if __name__ == "__main__":

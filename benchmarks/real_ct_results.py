@@ -27,9 +27,10 @@ RECIPES = {
 }
 
 
-def prepared_split(output: Path, holdout: float) -> Path:
-    """Prepare the CT (abdominal organs), then hold out the top `holdout` of its slices as `validation`."""
-    data = prepare(SHARED / "example_ct.nii.gz", SHARED / "example_seg_fast_force_split.nii.gz",
+def prepared_split(output: Path, holdout: float, source: Path = SHARED) -> Path:
+    """Prepare the CT in `source` (abdominal organs), then hold out the top `holdout` of its slices as
+    `validation`."""
+    data = prepare(source / "example_ct.nii.gz", source / "example_seg_fast_force_split.nii.gz",
                    output=output / "prepared_all", overwrite=True, label_map=ABDOMEN,
                    ignore_unknown_labels=True, min_pixels=10)
     slices = data["train"]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,7 +44,7 @@ def test_single_organ_kept_fraction_and_weights(ratio):
     assert len(dropped) == int(ratio * 10) and dropped <= set(range(10))
     assert sorted(sampler) == sorted(kept(sampler)) and len(sampler) == 20 - len(dropped)
     for i in range(20):
-        expected = 0.0 if i in dropped else 1 / (1 - ratio) if i < 10 else 1.0
+        expected = 0.0 if i in dropped else 10 / (10 - len(dropped)) if i < 10 else 1.0
         assert sampler.weight(i) == pytest.approx(expected)
     assert torch.allclose(sampler.weights(torch.arange(20)), torch.tensor([sampler.weight(i) for i in range(20)]))
     summary = sampler.epoch_summary()
@@ -66,8 +67,9 @@ def test_unscored_and_organless_samples_are_never_pruned(budget):
     sampler = scored_sampler(organs, losses, budget=budget, prune_ratio=0.9)
     assert set(range(4)) | set(range(20, 25)) <= kept(sampler)
     assert all(sampler.weight(i) == 1.0 for i in [0, 1, 2, 3, 20, 24])
-    # pool: samples 4..11, below the mean 11.5; "dataset" may drop every scored sample up to the liver cap
-    assert sampler.epoch_summary()["pruned"] == (int(0.9 * 8) if budget == "pool" else int(0.9 * 20) - 2)
+    # pool: samples 4..11, below the mean 11.5; "dataset" may drop every scored sample but the last of the
+    # pool and of the rest, which carry their group's weight
+    assert sampler.epoch_summary()["pruned"] == (int(0.9 * 8) if budget == "pool" else 16 - 2)
 
 
 @pytest.mark.parametrize(("ratio", "pool_losses"), [(0.5, False), (0.7, False), (0.5, True)])
@@ -77,12 +79,16 @@ def test_dataset_budget_drops_a_share_of_all_samples(ratio, pool_losses):
     sampler = scored_sampler(LIVER, losses, prune_ratio=ratio, budget="dataset")
     dropped = set(range(20)) - kept(sampler)
     assert len(dropped) == int(ratio * 20) == len(LIVER) - len(sampler)
-    if pool_losses:  # 10 of the 15 pooled samples, at random; the 5 kept ones up-weighted
+    if pool_losses:  # 10 of the 15 pooled samples, at random; the 5 kept ones carry the pool's weight
         assert dropped < set(range(15))
-        assert all(sampler.weight(i) == pytest.approx(1 / (1 - ratio)) for i in set(range(15)) - dropped)
-    else:  # the whole pool, then the samples with the next-lowest losses
-        assert dropped == set(range(int(ratio * 20)))
-    assert all(sampler.weight(i) == 1.0 for i in range(15 if pool_losses else 10, 20) if i not in dropped)
+        assert all(sampler.weight(i) == pytest.approx(3.0) for i in set(range(15)) - dropped)
+        assert all(sampler.weight(i) == 1.0 for i in range(15, 20))
+    else:  # the pool but one (it carries the pool's weight), then the samples with the next-lowest losses
+        pool_kept = set(range(10)) - dropped
+        assert len(pool_kept) == 1 and sampler.weight(pool_kept.pop()) == pytest.approx(10.0)
+        assert dropped - set(range(10)) == set(range(10, int(ratio * 20) + 1))
+        rest_kept = set(range(10, 20)) - dropped
+        assert all(sampler.weight(i) == pytest.approx(10 / len(rest_kept)) for i in rest_kept)
 
 
 @pytest.mark.parametrize("strategy", ["cbdp", "infobatch"])
@@ -96,8 +102,8 @@ def test_dataset_budget_ranks_by_loss_relative_to_the_organ(strategy):
     assert summary["pruned"] == 12
     if strategy == "cbdp":
         assert summary["pruned_per_organ"] == {"easy": 6, "hard": 6}
-    else:
-        assert summary["pruned_per_organ"] == {"easy": 10, "hard": 2}
+    else:  # every easy sample is in the pool; its last one is kept to carry the pool's weight
+        assert summary["pruned_per_organ"] == {"easy": 9, "hard": 3}
 
 
 def test_dataset_budget_for_random_and_multi_organ_caps():
@@ -108,6 +114,73 @@ def test_dataset_budget_for_random_and_multi_organ_caps():
     assert pool["pruned"] < dataset["pruned"] <= int(0.5 * len(ORGANS))
     counts = {o: sum(o in organs for organs in ORGANS) for o in dataset["pruned_per_organ"]}
     assert all(n <= int(0.5 * counts[o]) for o, n in dataset["pruned_per_organ"].items())
+
+
+def well_learned(organs, losses, strategy) -> set[int]:
+    """The pool, computed from the definition: under cbdp every scored region below its organ's mean
+    loss; under infobatch the sample's mean region loss below the mean of those means."""
+    scored = [[o for o in organs[i] if (i, o) in losses] for i in range(len(organs))]
+    if strategy == "cbdp":
+        by_organ: dict[str, list[float]] = {}
+        for (i, o), loss in losses.items():
+            by_organ.setdefault(o, []).append(loss)
+        mean = {o: np.mean(v) for o, v in by_organ.items()}
+        return {i for i, names in enumerate(scored) if names and all(losses[i, o] < mean[o] for o in names)}
+    sample = {i: np.mean([losses[i, o] for o in names]) for i, names in enumerate(scored) if names}
+    threshold = np.mean(list(sample.values()))
+    return {i for i, value in sample.items() if value < threshold}
+
+
+def assert_unbiased(sampler: CBDPSampler, organs, losses) -> None:
+    """Every group samples may be dropped from keeps its size as the sum of its kept weights, so all kept
+    weights sum to N: the pool, the scored samples outside it (budget "dataset"; never touched under "pool"),
+    and the never-scored samples (never dropped); under cbdp each split by organ set."""
+    weights = sampler.weights(range(len(organs))).double().numpy()
+    assert weights.sum() == pytest.approx(len(organs))
+    pool = well_learned(organs, losses, sampler.strategy)
+    scored = {i for i, _ in losses}
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(organs)):
+        part = "pool" if i in pool else "rest" if i in scored else "unscored"
+        stratum = tuple(sorted(set(organs[i]))) if sampler.strategy == "cbdp" else ()
+        groups.setdefault((part, stratum), []).append(i)
+    for (part, _), members in groups.items():
+        kept_weights = weights[members][weights[members] > 0]
+        assert kept_weights.sum() == pytest.approx(len(members)), (part, members, weights[members])
+        assert np.allclose(kept_weights, kept_weights[0])  # drops within a group are alike
+        if part == "unscored" or (part == "rest" and sampler.budget == "pool"):
+            assert (weights[members] == 1).all()
+
+
+@pytest.mark.parametrize("budget", ["pool", "dataset"])
+@pytest.mark.parametrize("ratio", [0.5, 0.7])
+def test_weights_keep_each_group_whole_on_15_of_20_well_learned(ratio, budget):
+    # At ratio 0.5 under "dataset", kept pool samples used to weigh 1 / (1 - ratio) = 2 though 10 of the 15
+    # were dropped: total weight 15 instead of 20 (8.3 at ratio 0.7).
+    losses = {(i, "liver"): 0.0 if i < 15 else 10.0 for i in range(20)}
+    for strategy in ("infobatch", "cbdp"):
+        sampler = scored_sampler(LIVER, losses, prune_ratio=ratio, budget=budget, strategy=strategy)
+        assert sampler.epoch_summary()["pruned"] == int(ratio * (20 if budget == "dataset" else 15))
+        assert_unbiased(sampler, LIVER, losses)
+
+
+@pytest.mark.parametrize("budget", ["pool", "dataset"])
+@pytest.mark.parametrize("strategy", ["infobatch", "cbdp"])
+def test_weights_keep_each_group_whole_on_random_organ_mixes(strategy, budget):
+    rng = np.random.default_rng(0)
+    pruned = 0
+    for case in range(12):
+        vocabulary = [f"organ{k}" for k in range(rng.integers(1, 6))]
+        organs = [sorted(set(rng.choice(vocabulary, rng.integers(1, 4)).tolist())) for _ in range(rng.integers(5, 60))]
+        organs += [[]] * int(rng.integers(0, 3))  # slices with no organ
+        losses = {(i, o): float(rng.gamma(2.0)) for i, names in enumerate(organs) for o in names
+                  if rng.random() > 0.15}  # some regions never scored (e.g. under the collator's min_pixels)
+        for ratio in (0.2, 0.5, 0.7, 0.9):
+            sampler = scored_sampler(organs, losses, strategy=strategy, budget=budget, prune_ratio=ratio,
+                                     seed=case)
+            assert_unbiased(sampler, organs, losses)
+            pruned += sampler.epoch_summary()["pruned"] > 0
+    assert pruned >= 40  # of the 48 plans: the property is not met by dropping nothing
 
 
 def test_non_finite_losses_are_ignored():
@@ -175,16 +248,17 @@ def test_annealing():
 
 
 def test_ema_scores_remember_past_losses():
-    organs = [["liver"]] * 4
+    organs = [["liver"]] * 6
     plans = {}
     for mode in ("latest", "ema"):
         sampler = CBDPSampler(organs, num_epochs=8, score=mode)
         for epoch, first in enumerate((10.0, 0.0)):
-            score(sampler, organs, {(0, "liver"): first} | {(i, "liver"): 1.0 for i in (1, 2, 3)})
+            score(sampler, organs, {(i, "liver"): first for i in (0, 1)} | {(i, "liver"): 1.0 for i in range(2, 6)})
             sampler.set_epoch(epoch + 1)
-        plans[mode] = sampler.weight(0)
-    # latest: sample 0 is now the best (pool member, weight 2); ema: 0.9 * 10 + 0.1 * 0 keeps it hard.
-    assert plans == {"latest": 2.0, "ema": 1.0}
+        plans[mode] = sorted([sampler.weight(0), sampler.weight(1)])
+    # latest: samples 0 and 1 are now the best (the pool: one dropped, the other weighs 2); ema:
+    # 0.9 * 10 + 0.1 * 0 keeps them hard, so samples 2..5 are the pool and 0, 1 keep weight 1.
+    assert plans == {"latest": [0.0, 2.0], "ema": [1.0, 1.0]}
 
 
 def run_epochs(sampler, organs, epochs, rng_seed=0, reverse=False):
@@ -232,12 +306,29 @@ def test_resume_yields_the_same_sequence(tmp_path, score_mode):
     assert plans(True, tmp_path / "sampler.pt") == plans(True) != plans(False)
 
 
-def test_load_state_dict_rejects_another_run():
-    state = CBDPSampler(ORGANS, num_epochs=6, seed=4).state_dict()
-    with pytest.raises(ValueError, match="seed"):
-        CBDPSampler(ORGANS, num_epochs=6, seed=5).load_state_dict(state)
-    with pytest.raises(ValueError, match="num_samples"):
-        CBDPSampler(ORGANS[:-1], num_epochs=6, seed=4).load_state_dict(state)
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"seed": 5}, "seed=4.*seed=5"),
+        ({"prune_ratio": 0.3}, "prune_ratio=0.5.*prune_ratio=0.3"),
+        ({"anneal": 0.5}, "anneal=0.875.*anneal=0.5"),
+        ({"num_epochs": 8}, "num_epochs=6.*num_epochs=8"),
+        ({"strategy": "infobatch"}, "strategy='cbdp'.*strategy='infobatch'"),
+        ({"budget": "dataset"}, "budget='pool'.*budget='dataset'"),
+        ({"score": "ema"}, "score='latest'.*score='ema'"),
+        ({"sample_organs": ORGANS[:-1]}, "num_samples=24.*num_samples=23"),
+    ],
+)
+def test_load_state_dict_rejects_other_settings(changed, message):
+    settings = {"sample_organs": ORGANS, "num_epochs": 6, "seed": 4}
+    saved = CBDPSampler(**settings)
+    run_epochs(saved, ORGANS, range(2))
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=message):
+        CBDPSampler(**{**settings, **changed}).load_state_dict(state)
+    CBDPSampler(**settings, num_replicas=2, rank=1).load_state_dict(state)  # another world size may resume
+    with pytest.raises(ValueError, match="no 'anneal'"):
+        CBDPSampler(**settings).load_state_dict({k: v for k, v in state.items() if k != "anneal"})
 
 
 def test_empty_dataset():

@@ -1,8 +1,11 @@
 """CBDP: class-balanced dynamic data pruning, as a plain ``torch.utils.data.Sampler``.
 
 Each epoch drops a share of the samples that are already well learned, judged per organ class, and
-up-weights the kept ones so the expected gradient stays the same. Per-organ thresholds and a per-organ cap
-keep small, hard, rare organs from being starved, which a single global threshold (InfoBatch) allows.
+up-weights the kept ones: every group samples were dropped from keeps its total weight (its kept members
+weigh its size over its kept count), so an epoch's weights sum to the dataset's size and, where the drops
+within a group are random (the well-learned pool), the expected gradient is the full group's. Per-organ
+thresholds and a per-organ cap keep small, hard, rare organs from being starved, which a single global
+threshold (InfoBatch) allows.
 
 Decisions depend only on (seed, epoch) and the scores, and scores are gathered from every process before
 they are used, so all processes of a distributed run prune identically and shard one common order.
@@ -92,11 +95,18 @@ class CBDPSampler(Sampler[int]):
     A sample is well learned when at least one of its regions is scored and every scored region is below
     the threshold (regions the collator never emits, e.g. organs under its ``min_pixels``, do not block
     it). Of the well-learned pool ``floor(prune_ratio * len(pool))`` samples are dropped (``budget="pool"``;
-    ``floor(prune_ratio * N)`` with ``"dataset"``), the pool's members first, chosen at random; the pool's
-    kept members get weight ``1 / (1 - prune_ratio)``, every other kept sample 1, dropped ones 0.
-    Under ``cbdp`` candidates are tried in random order and one whose drop would take any of its organs
-    past ``floor(prune_ratio * n_organ)`` dropped samples is kept instead. Every strategy prunes nothing
-    from the anneal point on.
+    ``floor(prune_ratio * N)`` with ``"dataset"``), the pool's members first, chosen at random. Under
+    ``cbdp`` candidates are tried in that order and one whose drop would take any of its organs past
+    ``floor(prune_ratio * n_organ)`` dropped samples is kept instead.
+
+    Weights: dropped samples 0; a kept sample weighs its group's size over the group's kept count, so the
+    kept weights of every group sum to its size and all kept weights to N. The groups are the pool and,
+    under ``"dataset"``, the scored samples outside it; under ``cbdp`` each is split by organ set (the
+    samples with the same organs), since the cap treats those alike: within one, the dropped samples are a
+    uniformly random share of the pool's members, whatever the cap did. A drop that would leave a group
+    with no kept sample is skipped (its weight would have nowhere to go). ``random`` is a smaller static
+    dataset, not an estimate of the full one: its kept samples weigh 1. Every strategy prunes nothing from
+    the anneal point on.
     """
 
     def __init__(
@@ -128,6 +138,8 @@ class CBDPSampler(Sampler[int]):
         self._members = np.zeros((n, k), dtype=bool)
         for i, organs in enumerate(self._sample_organs):
             self._members[i, list(organs)] = True
+        organ_sets = {organs: s for s, organs in enumerate(sorted(set(self._sample_organs)))}
+        self._organ_set = np.array([organ_sets[organs] for organs in self._sample_organs], dtype=np.int64)
         self._scores = np.full((n, k), np.nan)
         self._merged = _empty_updates()  # pending updates already gathered from every process
         self._local: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []  # this process's, not yet gathered
@@ -174,8 +186,8 @@ class CBDPSampler(Sampler[int]):
         self._local.append((ids, organ_idx, losses))
 
     def weight(self, sample_id: int) -> float:
-        """Loss weight of a sample this epoch: 1 / (1 - prune_ratio) for kept well-learned ones, 1 for
-        other kept ones, 0 for dropped ones."""
+        """Loss weight of a sample this epoch: 0 when dropped, else its group's size over the group's kept
+        count (1 when nothing of its group was dropped; see the class docstring)."""
         return float(self._weights[int(self._ids(sample_id, "weight"))])
 
     def weights(self, sample_ids) -> torch.Tensor:
@@ -211,11 +223,7 @@ class CBDPSampler(Sampler[int]):
         """
         self._merged = self._collect()
         return {
-            "num_samples": self.num_samples,
-            "organs": list(self.organs),
-            "seed": self.seed,
-            "strategy": self.strategy,
-            "budget": self.budget,
+            **self._settings(),
             "epoch": self.epoch,
             "scores": torch.from_numpy(self._scores.copy()),
             "pending": {key: torch.from_numpy(a.copy()) for key, a in zip(_PENDING_KEYS, self._merged)},
@@ -223,13 +231,17 @@ class CBDPSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()`: the same epoch plan, and the same plans after it."""
-        for key, mine in (("num_samples", self.num_samples), ("organs", list(self.organs)),
-                          ("seed", self.seed), ("strategy", self.strategy), ("budget", self.budget)):
+        """Continue from `state_dict()`: the same epoch plan, and the same plans after it.
+
+        Refuses a state saved under other settings (a resume with a changed ratio, anneal, epoch count, ...
+        would silently follow another plan); the number of processes may differ.
+        """
+        for key, mine in self._settings().items():
             if key not in state:
-                raise ValueError(f"load_state_dict: state has no {key!r}; not a CBDPSampler state")
+                raise ValueError(f"load_state_dict: state has no {key!r}; not a CBDPSampler state of this version")
             if state[key] != mine:
-                raise ValueError(f"load_state_dict: state has {key}={state[key]!r}, this sampler {mine!r}")
+                raise ValueError(f"load_state_dict: the state was saved with {key}={state[key]!r}, this sampler "
+                                 f"has {key}={mine!r}; resume with the same setting or start a new run")
         scores = state["scores"].numpy()
         if scores.shape != self._scores.shape:
             raise ValueError(f"load_state_dict: scores have shape {tuple(scores.shape)}, expected {self._scores.shape}")
@@ -242,6 +254,13 @@ class CBDPSampler(Sampler[int]):
         self._plan()
 
     # -- internals ---------------------------------------------------------------------------------------
+
+    def _settings(self) -> dict:
+        """What fixes the plans besides the scores: a resume must match all of it."""
+        return {"num_samples": self.num_samples, "organs": list(self.organs), "num_epochs": self.num_epochs,
+                "prune_ratio": self.prune_ratio, "anneal": self.anneal, "seed": self.seed,
+                "strategy": self.strategy, "budget": self.budget, "score": self.score, "ema": self.ema,
+                "shuffle": self.shuffle}
 
     def _ids(self, sample_ids, where: str) -> torch.Tensor:
         """Sample ids as an int64 tensor; range-checked when on the CPU (a device check would sync)."""
@@ -309,18 +328,22 @@ class CBDPSampler(Sampler[int]):
             if self.strategy == "random":
                 share = n if self.budget == "dataset" else n * _RANDOM_POOL_FRACTION
                 dropped = self._rng(_STATIC).choice(n, self._share(share), replace=False)
+                weights[dropped] = 0
             else:
                 relative = self._relative_scores()
                 pool = np.flatnonzero(relative < 1)
-                weights[pool] = 1 / (1 - self.prune_ratio)
                 candidates = self._rng(_PRUNE, self.epoch).permutation(pool)
                 quota = self._share(len(pool))
+                group = np.where(relative < 1, 0, -1)
                 if self.budget == "dataset":
                     rest = np.flatnonzero((relative >= 1) & np.isfinite(relative))
                     candidates = np.concatenate([candidates, rest[np.argsort(relative[rest], kind="stable")]])
                     quota = self._share(n)
-                dropped = self._choose_drops(candidates, quota)
-        weights[dropped] = 0
+                    group[rest] = 1
+                if self.strategy == "cbdp":  # the cap treats samples with the same organs alike
+                    group = np.where(group >= 0, group + 2 * self._organ_set, -1)
+                dropped = self._choose_drops(candidates, quota, group)
+                weights = _group_weights(group, dropped)
         kept = np.flatnonzero(weights > 0)
         if self.shuffle:
             kept = self._rng(_ORDER, self.epoch).permutation(kept)
@@ -348,22 +371,37 @@ class CBDPSampler(Sampler[int]):
         relative[any_scored] = ratio[any_scored]
         return relative
 
-    def _choose_drops(self, candidates: np.ndarray, quota: int) -> list[int]:
-        """The first `quota` candidates, skipping (under cbdp) any whose drop would take one of its organs
-        past floor(prune_ratio * that organ's sample count)."""
-        if self.strategy != "cbdp":
-            return candidates[:quota].tolist()
+    def _choose_drops(self, candidates: np.ndarray, quota: int, group: np.ndarray) -> list[int]:
+        """The first `quota` candidates, skipping any whose drop would leave its group (`group[i]`, -1 for
+        none) with no kept sample or (under cbdp) take one of its organs past floor(prune_ratio * that
+        organ's sample count)."""
+        cap = self.strategy == "cbdp"
         room = [self._share(c) for c in self._members.sum(0).tolist()]
+        left = np.bincount(group[group >= 0]).tolist()  # kept members per group
         dropped: list[int] = []
         for i in candidates.tolist():
             if len(dropped) == quota:
                 break
-            organs = self._sample_organs[i]
-            if all(room[o] > 0 for o in organs):
+            organs = self._sample_organs[i] if cap else ()
+            if left[group[i]] > 1 and all(room[o] > 0 for o in organs):
                 for o in organs:
                     room[o] -= 1
+                left[group[i]] -= 1
                 dropped.append(i)
         return dropped
+
+
+def _group_weights(group: np.ndarray, dropped: Sequence[int]) -> np.ndarray:
+    """0 for dropped samples; a kept sample of group g (>= 0) weighs size(g) / kept(g), others 1."""
+    weights = np.ones(len(group))
+    weights[list(dropped)] = 0
+    member = group >= 0
+    if member.any():
+        size = np.bincount(group[member])
+        kept = np.bincount(group[member], weights=weights[member])
+        scale = np.divide(size, kept, out=np.ones(len(size)), where=kept > 0)
+        weights[member] *= scale[group[member]]
+    return weights
 
 
 def _ratio(score: np.ndarray, threshold) -> np.ndarray:
