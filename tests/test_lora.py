@@ -1,11 +1,21 @@
-"""LoRA presets, trainable heads, adapter save/load/merge, and base checks."""
+"""LoRA presets, trainable heads, adapter save/load/merge, base checks, bundled adapters, unreadable files."""
 import json
 
 import pytest
 import torch
 from transformers import SamModel
 
-from sam_peft.models import apply_lora, load_adapter, load_base_model, save_adapter
+from sam_peft.models import (
+    LITEMEDSAM_PROCESSOR,
+    SamInputProcessor,
+    apply_lora,
+    default_adapter_for,
+    load_adapter,
+    load_base_model,
+    processor_for,
+    save_adapter,
+)
+from sam_peft.models import lora
 from test_models import tiny_sam_config
 
 
@@ -71,9 +81,14 @@ def test_adapter_roundtrip_merge_and_records_base(tiny_base, tmp_path):
     before = _outputs(model)
     save_adapter(model, tmp_path / "adapter")
     info = json.loads((tmp_path / "adapter" / "sam_peft.json").read_text())
-    assert info["base"] == tiny_base.name_or_path and info["preset"] == "encoder+decoder"
+    assert (info["base"], info["base_kind"], info["preset"]) == ("base", "directory", "encoder+decoder")
+    assert SamInputProcessor.from_dict(info["preprocessing"]) == processor_for(tiny_base)
+    for name in ("sam_peft.json", "adapter_config.json"):  # nothing that only means something on this machine
+        assert str(tmp_path) not in (tmp_path / "adapter" / name).read_text()
 
-    loaded = load_adapter(tmp_path / "adapter")  # rebuilds the base from the record
+    with pytest.raises(ValueError, match=r"local directory 'base' .*pass base=sam_peft.load_base_model"):
+        load_adapter(tmp_path / "adapter")  # a local base does not travel with the adapter
+    loaded = load_adapter(tmp_path / "adapter", base=load_base_model(tmp_path / "base"))
     after = _outputs(loaded)
     assert (before.pred_masks - after.pred_masks).abs().max() < 1e-5
     assert (before.iou_scores - after.iou_scores).abs().max() < 1e-5
@@ -81,6 +96,16 @@ def test_adapter_roundtrip_merge_and_records_base(tiny_base, tmp_path):
     merged = loaded.merge_and_unload()
     assert type(merged) is SamModel
     assert (_outputs(merged).pred_masks - before.pred_masks).abs().max() < 1e-4
+
+
+def test_adapter_keeps_the_preprocessing_it_was_trained_with(tiny_base, tmp_path):
+    model = apply_lora(tiny_base, preset="decoder", r=2, verbose=False)
+    recorded = SamInputProcessor(image_size=128, pixel_mean=None, pixel_std=None, resize="square",
+                                 resample="spline3", normalize="min_max")
+    model.sam_peft_info["preprocessing"] = recorded.to_dict()
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(tmp_path / "adapter", base=load_base_model(tmp_path / "base"))
+    assert processor_for(loaded) == recorded != processor_for(load_base_model(tmp_path / "base"))
 
 
 def test_adapter_refuses_another_base(tiny_base, tmp_path):
@@ -99,3 +124,52 @@ def test_bad_lora_arguments(tiny_base, tmp_path):
         apply_lora(tiny_base, train_heads=("prompt_encoder",))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(tmp_path)
+
+
+def test_unreadable_adapter_files_name_the_file(tiny_base, tmp_path):
+    save_adapter(apply_lora(tiny_base, preset="decoder", r=2, verbose=False), tmp_path / "adapter")
+    base = load_base_model(tmp_path / "base")
+    for name, what in [("adapter_model.safetensors", "adapter weights file"), ("adapter_config.json", "peft adapter config"),
+                       ("sam_peft.json", "sam_peft adapter record")]:
+        path = tmp_path / "adapter" / name
+        intact = path.read_bytes()
+        path.write_bytes(intact[: len(intact) // 2])  # as an interrupted copy or download leaves it
+        with pytest.raises(ValueError, match=rf"{name}: the {what} cannot be read .*copy or download it again"):
+            load_adapter(tmp_path / "adapter", base=base)
+        path.write_bytes(intact)
+    assert load_adapter(tmp_path / "adapter", base=base) is not None
+
+
+@pytest.fixture()
+def bundled_root(tmp_path, monkeypatch):
+    """An empty stand-in for the installed sam_peft/adapters folder."""
+    monkeypatch.setattr(lora, "ADAPTERS_DIR", tmp_path / "adapters")
+    return tmp_path / "adapters"
+
+
+def test_bundled_adapter_loads_by_name_offline(bundled_root):
+    assert default_adapter_for("litemedsam") is None  # not installed
+    with pytest.raises(FileNotFoundError, match=r"bundled adapter 'litemedsam-phpg': .*reinstall sam_peft"):
+        load_adapter("litemedsam-phpg")
+
+    model = apply_lora(load_base_model("litemedsam"), preset="decoder", r=2, train_heads=("iou",), verbose=False)
+    _perturb_adapters(model)
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[40.0, 50, 160, 170]]])
+    with torch.no_grad():
+        expected = model.eval()(pixel_values=image, input_boxes=boxes, multimask_output=False).pred_masks
+    save_adapter(model, bundled_root / "litemedsam-phpg")
+
+    assert default_adapter_for("litemedsam") == "litemedsam-phpg" and default_adapter_for("facebook/sam-vit-base") is None
+    loaded = load_adapter("litemedsam-phpg")  # HF_HUB_OFFLINE=1 (conftest): nothing may come from the network
+    assert processor_for(loaded) == LITEMEDSAM_PROCESSOR
+    with torch.no_grad():
+        got = loaded(pixel_values=image, input_boxes=boxes, multimask_output=False).pred_masks
+    assert (got - expected).abs().max() < 1e-5
+    plain = load_base_model("litemedsam")  # the base name stays the plain base
+    assert not any("lora_" in n for n, _ in plain.named_parameters())
+
+
+def test_unknown_adapter_names_are_refused_without_a_download():
+    with pytest.raises(FileNotFoundError, match=r"'litemedsam_phpg': not a bundled adapter \(litemedsam-phpg\)"):
+        load_adapter("litemedsam_phpg")

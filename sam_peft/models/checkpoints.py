@@ -64,7 +64,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or not a torch file
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from err
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({err}); if it is one, the file is "
+                         "damaged or truncated: download or copy it again") from err
     for container in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]

@@ -20,8 +20,15 @@ def sam_of(model) -> SamModel:
 
 
 def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) -> (B, C, h, w). Calls the encoder directly: `get_image_embeddings` is no-grad."""
-    return sam_of(model).vision_encoder(pixel_values).last_hidden_state
+    """(B, 3, S, S) -> (B, C, h, w). Calls the encoder directly: `get_image_embeddings` is no-grad.
+
+    Without gradients on a CPU, one image at a time: a core gains nothing from a batch, and the encoder's
+    temporaries grow with it (LiteMedSAM: about 230 MB per image, so 8 images peaked 1.7 GB above the rest).
+    """
+    encoder = sam_of(model).vision_encoder
+    if len(pixel_values) > 1 and pixel_values.device.type == "cpu" and not torch.is_grad_enabled():
+        return torch.cat([encoder(image).last_hidden_state for image in pixel_values.split(1)])
+    return encoder(pixel_values).last_hidden_state
 
 
 def embed_prompt_tokens(model, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""Adapters shared on the Hub load elsewhere: the card names the repository, nothing recorded is a local path,
+and a fresh offline process loads a pushed adapter (and its base) by repository id from another folder."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import SamModel
+
+from sam_peft.data import phantom_cases, prepare_volumes
+from sam_peft.models import apply_lora, load_adapter, load_base_model, save_adapter
+from sam_peft.training import TrainConfig, push_to_hub, train, write_model_card
+from test_models import tiny_sam_config
+
+
+class LocalHub:
+    """`HfApi.create_repo` / `upload_folder` writing real files into a folder laid out as the Hugging Face cache
+    (`models--owner--name/refs/main` -> `snapshots/<commit>/`): what `from_pretrained` and `snapshot_download`
+    read offline, so loading by repository id runs the real code."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def repo(self, repo_id: str) -> Path:
+        return self.root / f"models--{repo_id.replace('/', '--')}"
+
+    def create_repo(self, repo_id, private=False, exist_ok=True):
+        (self.repo(repo_id) / "refs").mkdir(parents=True, exist_ok=exist_ok)
+        return f"local://{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, commit_message):
+        commit = uuid.uuid4().hex + "00000000"  # 40 hex digits, as a commit id
+        shutil.copytree(folder_path, self.repo(repo_id) / "snapshots" / commit)
+        (self.repo(repo_id) / "refs" / "main").write_text(commit)
+
+    def snapshot(self, repo_id: str) -> Path:
+        return self.repo(repo_id) / "snapshots" / (self.repo(repo_id) / "refs" / "main").read_text()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return dict(pixel_values=torch.rand(1, 3, 128, 128, generator=g), input_boxes=torch.tensor([[[10.0, 20, 90, 100]]]),
+                multimask_output=False)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A tiny SAM published on the local hub as me/tiny-sam, an adapter trained on it, and that adapter pushed."""
+    root = tmp_path_factory.mktemp("hub")
+    hub = LocalHub(root / "hub")
+    torch.manual_seed(0)
+    SamModel(tiny_sam_config()).save_pretrained(root / "tiny-sam")
+    hub.create_repo("me/tiny-sam")
+    hub.upload_folder(root / "tiny-sam", "me/tiny-sam", "base")
+    prepare_volumes(phantom_cases(2, seed=1, shape=(6, 64, 64), spacing=(3.0, 2.5, 2.5)), output=root / "data",
+                    label_map="flare22", val_fraction=0.5, seed=0, min_pixels=20)
+    run = root / "run"
+    train(TrainConfig(model=str(hub.snapshot("me/tiny-sam")), data=str(root / "data"), epochs=1, batch_size=2,
+                      rounds=1, max_regions=2, pruning="none", log_with=None, output_dir=str(run),
+                      cache_dir=str(root / "cache"), eval_behaviours=["tight_box"], num_workers=0))
+    url = push_to_hub(run, "me/ct-adapter", api=hub)
+    with torch.no_grad():
+        expected = load_adapter(run / "adapter", base=load_base_model(root / "tiny-sam"))(**_inputs()).pred_masks
+    return {"root": root, "hub": hub, "run": run, "url": url, "expected": expected}
+
+
+def test_push_writes_the_card_for_the_repository(published):
+    assert published["url"] == "local://me/ct-adapter"
+    pushed = published["hub"].snapshot("me/ct-adapter")
+    card = (pushed / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft" and front["base_model"] == "me/tiny-sam"
+    assert 'model = sam_peft.load_adapter("me/ct-adapter")' in card and "Preprocessing:** longest_side resize to 128" in card
+    info = json.loads((pushed / "sam_peft.json").read_text())
+    assert (info["base"], info["base_kind"]) == ("me/tiny-sam", "hub") and info["recipe"]["rounds"] == 1
+    root = str(published["root"])
+    for path in pushed.iterdir():  # nothing uploaded names a folder of the machine it was trained on
+        if path.suffix in (".json", ".md"):
+            assert root not in path.read_text(), path.name
+
+
+def test_pushed_adapter_loads_by_repo_id_in_a_fresh_offline_process_elsewhere(published, tmp_path):
+    elsewhere = tmp_path / "other_machine" / "hf_cache"
+    shutil.copytree(published["hub"].root, elsewhere)  # the module's hub stays for the other tests
+    torch.save({"inputs": _inputs(), "expected": published["expected"]}, tmp_path / "io.pt")
+    torch.manual_seed(7)
+    SamModel(tiny_sam_config()).save_pretrained(tmp_path / "other_base")
+    script = """
+import sys, torch, sam_peft
+io = torch.load(sys.argv[1])
+model = sam_peft.load_adapter("me/ct-adapter")  # base me/tiny-sam comes from the (offline) Hub cache too
+with torch.no_grad():
+    print("max difference", float((model(**io["inputs"]).pred_masks - io["expected"]).abs().max()))
+try:
+    sam_peft.load_adapter("me/ct-adapter", base=sam_peft.load_base_model(sys.argv[2]))
+except ValueError as err:
+    print("refused:", err)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(elsewhere), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "io.pt"), str(tmp_path / "other_base")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    difference = float(done.stdout.split("max difference")[1].split()[0])
+    assert difference < 1e-5
+    assert "refused:" in done.stdout and "has different weights" in done.stdout
+
+
+def test_card_for_a_local_base_says_to_bring_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    SamModel(tiny_sam_config()).save_pretrained(tmp_path / "my_sam")
+    save_adapter(apply_lora(load_base_model(tmp_path / "my_sam"), preset="decoder", r=2, verbose=False),
+                 tmp_path / "adapter")
+    card = write_model_card(tmp_path / "adapter", {"organ_names": ["liver"]}, TrainConfig(), repo_id="me/x").read_text()
+    assert 'base = sam_peft.load_base_model("path/to/my_sam")' in card
+    assert 'model = sam_peft.load_adapter("me/x", base=base)' in card
+    assert "base_model" not in yaml.safe_load(card.split("---")[1])  # the Hub's base_model names Hub models only
+    assert "**Organs (1):** liver" in card and "LoRA r=8" in card
