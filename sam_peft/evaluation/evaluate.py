@@ -1,15 +1,18 @@
-"""`evaluate`: interactive segmentation with simulated users, the protocol of DESIGN.md section 7.
+"""`evaluate`: interactive segmentation with simulated users.
 
 Every organ instance of at least `min_pixels` pixels in every slice is prompted as different people would
-prompt it, from its ground truth at original resolution, with a generator seeded by (seed, slice row,
-organ, behaviour): a prompt never depends on the batch or on which other behaviours run. The image
-encoder runs once per slice; every behaviour and every click reuses that embedding, and all instances of
-a batch of slices go through the mask decoder together, once per behaviour or click. Predictions are
-upsampled to original resolution and scored there.
+prompt it (tight, jittered and loose boxes, a centre click, a random click), from its ground truth at
+original resolution, with a generator seeded by (seed, slice row, organ, behaviour): a prompt never
+depends on the batch or on which other behaviours run. The image encoder runs once per slice; every
+behaviour and every click reuses that embedding. Predictions are upsampled to original resolution and
+scored there: Dice, 3D Dice, NSD, and the IoU head's calibration error.
 
 The click series behind `center_click`, `clicks_3`, `clicks_5` and NoC starts at the centre click; each
-next click goes where the original-resolution prediction is wrong (`next_clicks`), with the previous
-low-res logits fed back as the mask prompt, as a person refines a mask.
+next click is the standard clicker's (`next_clicks`: the RITM / f-BRS protocol of published NoC figures)
+on the original-resolution prediction, never on a pixel clicked before, with the previous low-res logits
+fed back as the mask prompt, as a person refines a mask. As in that protocol, an instance whose Dice
+reaches the highest NoC threshold is done: it gets no more clicks, and its Dice, mask and scores stay
+those of its last click for the rest of the series.
 """
 from __future__ import annotations
 
@@ -32,15 +35,20 @@ from ..data.prepare import load_prepared, read_metadata
 from ..io import atomic_path
 from ..models.decoding import PAD_LABEL, encode_images, sam_of
 from ..models.loading import processor_for
+from ..names import did_you_mean
 from ..prompts.behaviours import make_prompt
 from ..prompts.clicks import PERFECT, next_clicks
-from .metrics import clicks_to_reach, dice_counts, dice_from_counts, surface_dice
+from .metrics import clicks_to_reach, dice_counts, dice_from_counts, iou_from_counts, surface_dice
 from .predictor import decode_prompts, stack_prompts
 
 EVAL_BEHAVIOURS = ("tight_box", "jitter_box", "loose_box", "center_click", "random_click", "clicks_3", "clicks_5")
 SINGLE_PROMPT_BEHAVIOURS = EVAL_BEHAVIOURS[:5]  # the human-factor spread compares these
 CLICK_SERIES = {"center_click": 1, "clicks_3": 3, "clicks_5": 5}  # the click of the series each one scores
 NOC_THRESHOLDS = {"85": 0.85, "90": 0.90}
+DONE_DICE = max(NOC_THRESHOLDS.values())  # a simulated user stops clicking an instance at this Dice
+# Work per model call on a CPU, where larger calls gain no speed but cost memory (LiteMedSAM, fp32): the encoder
+# takes about 230 MB per image, the decoder about 40 MB per row. An accelerator takes a whole batch per call.
+CPU_IMAGES_PER_CALL, CPU_DECODER_ROWS = 1, 8
 NSD_TOLERANCE_MM = 2.0
 
 
@@ -62,6 +70,7 @@ class _Instance:
     pixels: int
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # behaviour -> (intersection, predicted)
     nsd: dict[str, float] = field(default_factory=dict)
+    iou_estimate: dict[str, float] = field(default_factory=dict)  # behaviour -> the IoU head's estimate
     curve: list[float] = field(default_factory=list)  # Dice after 1, 2, ... clicks of the click series
 
 
@@ -83,8 +92,12 @@ def evaluate(
     """Evaluate a SamModel / PeftModel on a prepared dataset (or its path) with simulated users.
 
     Returns (and with `output_dir` writes as metrics.json, metrics.md and PNG plots) the metrics: `dice`,
-    `dice_3d` and `nsd` per behaviour ({"mean", "per_organ"}, 3D also "per_case"), `noc` {"85", "90"}
-    (None without `noc`), `dice_vs_clicks`, `spread`, counts and `slices_per_second`. `organs` restricts
+    `dice_3d`, `nsd` and `iou_error` per behaviour ({"mean", "per_organ"}, 3D also "per_case"), `noc`
+    {"85", "90"} (None without `noc`), `dice_vs_clicks`, `spread`, counts and `slices_per_second`.
+    `iou_error` is the IoU head's calibration: the mean absolute difference between its estimate of a
+    mask's IoU and the IoU that mask achieves at original resolution (0: perfectly calibrated). That
+    estimate picks one of SAM's candidate masks for a lone click and decides where `predict_volume` stops
+    propagating, so a large error means those choices rest on a poor guess. `organs` restricts
     the evaluation to these organ names. The model's train/eval mode is restored afterwards, so a trainer
     can validate with a subset of behaviours and `noc=False`. `image_embeddings`: the (N, C, h, w) encoder
     output for every row of the evaluated split (a frozen-encoder cache), so validation skips the encoder.
@@ -162,7 +175,8 @@ def _organ_ids(organs: Sequence[str] | None, organ_names: Sequence[str]) -> set[
     keys = [organ_key(name) for name in organs]
     unknown = [name for name in keys if name not in organ_names]
     if unknown:
-        raise ValueError(f"organ(s) {unknown} are not in the dataset's label map; valid organs are {list(organ_names)}")
+        named = ", ".join(f"{name!r}{did_you_mean(name, organ_names)}" for name in unknown)
+        raise ValueError(f"organ(s) {named} not in the dataset's label map; valid organs are {list(organ_names)}")
     return {organ_names.index(name) + 1 for name in keys}
 
 
@@ -176,7 +190,8 @@ def _slices(dataset: Dataset, keep: set[int] | None, min_pixels: int, progress: 
         organs = np.array([k for k in np.flatnonzero(counts >= min_pixels) if k > 0 and (keep is None or k in keep)])
         if organs.size:
             spacing = item["spacing"]
-            yield _Slice(row, np.asarray(item["image"]), label, organs, str(item["case_id"]), str(item["plane"]),
+            image = np.asarray(item["image"], dtype=np.uint8)  # stored uint8; numpy formatting may widen it
+            yield _Slice(row, image, label, organs, str(item["case_id"]), str(item["plane"]),
                          (float(spacing[0]), float(spacing[1])))
 
 
@@ -195,61 +210,95 @@ def _batches(slices: Iterable[_Slice], batch_size: int) -> Iterator[list[_Slice]
 # ------------------------------------------------------------------------------------------ one batch
 
 
-def _prompts(regions: list[tuple[_Slice, int]], masks: np.ndarray, behaviour: str, seed: int, processor):
-    """SAM tokens of one behaviour for every region: points (N, 1, P, 2), model-input frame; labels (N, 1, P)."""
+def _prompts(regions: list[tuple[_Slice, int]], masks: np.ndarray, behaviour: str, seed: int):
+    """SAM tokens of one behaviour for every region: points (N, 1, P, 2) in the original frame; labels (N, 1, P)."""
     index = EVAL_BEHAVIOURS.index(behaviour)
     points, labels = stack_prompts([make_prompt(behaviour, mask, np.random.default_rng([seed, s.row, organ, index]))
                                     for (s, organ), mask in zip(regions, masks)])
-    return processor.transform_coords(points, masks.shape[-2:])[:, None], labels[:, None]
+    return points[:, None], labels[:, None]
+
+
+def _embeddings(model, processor, slices: list[_Slice], cached: torch.Tensor | None) -> torch.Tensor:
+    """(S, C, h, w) on the model's device and in its dtype: the encoder's output, or the cached rows."""
+    parameter = next(model.parameters())
+    if cached is not None:
+        return cached[[s.row for s in slices]].to(parameter.device, parameter.dtype)
+    step = CPU_IMAGES_PER_CALL if parameter.device.type == "cpu" else len(slices)
+    embeddings = []
+    for i in range(0, len(slices), step):
+        pixels = torch.stack([processor.preprocess(s.image) for s in slices[i : i + step]])
+        embeddings.append(encode_images(model, pixels.to(parameter.device, parameter.dtype)))
+    return torch.cat(embeddings)
 
 
 def _evaluate_batch(model, processor, slices, behaviours, n_clicks, seed, organ_names, cached) -> list[_Instance]:
     """Every instance of a batch of same-size slices is one row of the decoder batch (no padding rows)."""
-    parameter = next(model.parameters())
-    device, hw = parameter.device, slices[0].label.shape
+    embeddings = _embeddings(model, processor, slices, cached)  # once per slice, shared by every prompt
+    device, hw = embeddings.device, slices[0].label.shape
     regions = [(s, organ) for s in slices for organ in s.organs]
     masks_np = np.stack([s.label == organ for s, organ in regions])  # (N, H, W) ground truth
     targets = torch.from_numpy(masks_np)[:, None].to(device)
     image_of = torch.tensor([i for i, s in enumerate(slices) for _ in s.organs], device=device)
-    if cached is None:
-        pixels = torch.stack([processor.preprocess(s.image) for s in slices]).to(device, parameter.dtype)
-        embeddings = encode_images(model, pixels)
-    else:
-        embeddings = cached[[s.row for s in slices]].to(device, parameter.dtype)
-    embeddings = embeddings[image_of]  # once per slice, shared by every behaviour and click
+    every = torch.arange(len(regions), device=device)
+    rows_per_call = CPU_DECODER_ROWS if device.type == "cpu" else len(regions)
     instances = [_Instance(s.case_id if s.plane == "axial" else f"{s.case_id}/{s.plane}", organ_names[organ - 1],
                            int(mask.sum())) for (s, organ), mask in zip(regions, masks_np)]
 
-    def decode(points, labels, mask_inputs=None):
-        logits, _ = decode_prompts(model, embeddings, points.to(device), labels.to(device), mask_inputs)
-        return logits, processor.postprocess_masks(logits, hw) > 0
+    def decode(rows: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, mask_inputs=None):
+        """Low-res logits (n, 1, h, w), IoU estimates (n, 1) and original-resolution masks (n, 1, H, W) of `rows`."""
+        parts = []
+        for part in torch.split(rows, rows_per_call):
+            logits, iou = decode_prompts(model, embeddings[image_of[part]], points[part], labels[part],
+                                         None if mask_inputs is None else mask_inputs[part])
+            parts.append((logits, iou, processor.postprocess_masks(logits, hw) > 0))
+        return (torch.cat(p) for p in zip(*parts))
 
-    def score(behaviour: str, masks: torch.Tensor) -> None:
+    def score(behaviour: str, masks: torch.Tensor, iou: torch.Tensor) -> None:
         inter, pred, _ = (c[:, 0].cpu().numpy() for c in dice_counts(masks, targets))
-        predicted = masks[:, 0].cpu().numpy()
+        predicted, estimates = masks[:, 0].cpu().numpy(), iou[:, 0].float().cpu().numpy()
         for n, ((s, _), instance) in enumerate(zip(regions, instances)):
             instance.counts[behaviour] = (int(inter[n]), int(pred[n]))
             instance.nsd[behaviour] = surface_dice(predicted[n], masks_np[n], s.spacing, NSD_TOLERANCE_MM)
+            instance.iou_estimate[behaviour] = float(estimates[n])
 
     for behaviour in (b for b in behaviours if b not in CLICK_SERIES):
-        score(behaviour, decode(*_prompts(regions, masks_np, behaviour, seed, processor))[1])
+        points, labels = _prompts(regions, masks_np, behaviour, seed)
+        _, iou, masks = decode(every, processor.transform_coords(points, hw).to(device), labels.to(device))
+        score(behaviour, masks, iou)
+    if n_clicks:
+        _click_series(regions, instances, masks_np, targets, seed, n_clicks, behaviours, processor, decode, score)
+    return instances
 
-    points, labels = (t.to(device) for t in _prompts(regions, masks_np, "center_click", seed, processor))
-    mask_inputs = None
+
+def _click_series(regions, instances, masks_np, targets, seed, n_clicks, behaviours, processor, decode, score):
+    """The centre click, then corrective clicks until each instance is done (see the module docstring)."""
+    device, hw = targets.device, targets.shape[-2:]
+    start, labels = _prompts(regions, masks_np, "center_click", seed)
+    points, labels = processor.transform_coords(start, hw).to(device), labels.to(device)
+    clicked = torch.zeros_like(targets)
+    x, y = start[:, 0, 0].long().to(device).unbind(-1)
+    clicked[torch.arange(len(regions), device=device), 0, y, x] = True
+    active = torch.arange(len(regions), device=device)
+    logits, iou, masks = decode(active, points, labels)
     for step in range(1, n_clicks + 1):
-        logits, masks = decode(points, labels, mask_inputs)
-        curve = dice_from_counts(*(c[:, 0].cpu().numpy() for c in dice_counts(masks, targets)))
-        for instance, value in zip(instances, curve):
+        dice = dice_from_counts(*(c[:, 0].cpu().numpy() for c in dice_counts(masks, targets)))
+        for instance, value in zip(instances, dice):
             instance.curve.append(float(value))
         for behaviour in (b for b in behaviours if CLICK_SERIES.get(b) == step):
-            score(behaviour, masks)
-        if step < n_clicks:
-            click, click_label = next_clicks(masks, targets)
-            click_label = torch.where(click_label == PERFECT, PAD_LABEL, click_label)  # nothing left to correct
-            points = torch.cat([points, processor.transform_coords(click, hw)[:, :, None]], dim=2)
-            labels = torch.cat([labels, click_label[:, :, None]], dim=2)
-            mask_inputs = logits
-    return instances
+            score(behaviour, masks, iou)
+        active = active[torch.from_numpy(dice[active.cpu().numpy()] < DONE_DICE).to(device)]
+        if step == n_clicks or not len(active):
+            continue
+        click, click_label = next_clicks(masks[active], targets[active], clicked=clicked[active])
+        valid = click_label[:, 0] != PERFECT  # PERFECT: no unclicked error pixel left, a padding token instead
+        cx, cy = click[valid, 0].long().unbind(-1)
+        clicked[active[valid], 0, cy, cx] = True
+        new_points = points.new_zeros(len(regions), 1, 1, 2)
+        new_labels = labels.new_full((len(regions), 1, 1), PAD_LABEL)
+        new_points[active] = processor.transform_coords(click, hw)[:, :, None]
+        new_labels[active] = torch.where(valid, click_label[:, 0], PAD_LABEL)[:, None, None]
+        points, labels = torch.cat([points, new_points], dim=2), torch.cat([labels, new_labels], dim=2)
+        logits[active], iou[active], masks[active] = decode(active, points, labels, logits)
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -277,10 +326,12 @@ def _summarise(instances, behaviours, organ_names, max_clicks, n_slices, seconds
     organ_of = [instance.organ for instance in instances]
     organs = [name for name in organ_names if name in set(organ_of)]  # label-map order
     pixels = np.array([instance.pixels for instance in instances])
-    dice, dice_3d, nsd = {}, {}, {}
+    dice, dice_3d, nsd, iou_error = {}, {}, {}, {}
     for behaviour in behaviours:
         inter, pred = np.array([instance.counts[behaviour] for instance in instances]).T
         dice[behaviour] = _per_organ(dice_from_counts(inter, pred, pixels), organ_of, organs)
+        estimates = np.array([instance.iou_estimate[behaviour] for instance in instances])
+        iou_error[behaviour] = _per_organ(np.abs(estimates - iou_from_counts(inter, pred, pixels)), organ_of, organs)
         nsd[behaviour] = _per_organ(np.array([instance.nsd[behaviour] for instance in instances]), organ_of, organs)
         dice_3d[behaviour] = _volume_dice(instances, behaviour, organs)
     curves = np.array([instance.curve for instance in instances]).reshape(len(instances), -1)
@@ -292,6 +343,7 @@ def _summarise(instances, behaviours, organ_names, max_clicks, n_slices, seconds
         "spread": max(single) - min(single) if len(single) > 1 else None,
         "dice_3d": dice_3d,
         "nsd": nsd,
+        "iou_error": iou_error,
         "dice_vs_clicks": curves.mean(0).tolist(),
         "n_instances": len(instances),
         "instances_per_organ": {o: organ_of.count(o) for o in organs},
@@ -336,8 +388,11 @@ def _markdown(metrics: dict) -> str:
     dice, organs = metrics["dice"], list(metrics["instances_per_organ"])
     if dice:
         lines += ["## Mean per behaviour", ""] + _table(
-            ["behaviour", "Dice", "3D Dice", f"NSD@{s['nsd_tolerance_mm']:g}mm"],
-            [[b, dice[b]["mean"], metrics["dice_3d"][b]["mean"], metrics["nsd"][b]["mean"]] for b in dice])
+            ["behaviour", "Dice", "3D Dice", f"NSD@{s['nsd_tolerance_mm']:g}mm", "IoU-head error"],
+            [[b, dice[b]["mean"], metrics["dice_3d"][b]["mean"], metrics["nsd"][b]["mean"],
+              metrics["iou_error"][b]["mean"]] for b in dice])
+        lines += ["IoU-head error: mean |IoU head's estimate - achieved IoU| (0: the model's confidence can be "
+                  "trusted).", ""]
         lines += ["## Dice per organ", ""] + _table(
             ["organ", "instances", *dice],
             [[o, metrics["instances_per_organ"][o], *(dice[b]["per_organ"][o] for b in dice)] for o in organs])
@@ -345,7 +400,8 @@ def _markdown(metrics: dict) -> str:
               f"{_cell(metrics['spread'])}", ""]
     if metrics["noc"]:
         lines += [f"NoC@85: {metrics['noc']['85']:.2f}, NoC@90: {metrics['noc']['90']:.2f} "
-                  f"(at most {s['max_clicks']} clicks)", ""]
+                  f"(at most {s['max_clicks']} clicks; an instance gets no more clicks once its Dice reaches "
+                  f"{DONE_DICE:g})", ""]
     if metrics["dice_vs_clicks"]:
         curve = metrics["dice_vs_clicks"]
         lines += ["## Mean Dice after each click", ""]

@@ -1,8 +1,8 @@
-"""Segmentation metrics of the evaluation protocol (DESIGN.md section 7).
+"""Segmentation metrics of the evaluation protocol (`evaluate`).
 
-Dice from pixel counts (counted batched in torch, on the model's device; summed over slices for 3D Dice), the
-normalised surface Dice (NSD) at a tolerance in millimetres (scipy, on CPU), and the number of clicks
-needed to reach a Dice (NoC).
+Dice and IoU from pixel counts (counted batched in torch, on the model's device; summed over slices for 3D
+Dice), the normalised surface Dice (NSD) at a tolerance in millimetres (scipy, on CPU), and the number of
+clicks needed to reach a Dice (NoC).
 """
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def dice_from_counts(inter, pred, target):
     """2 |P & T| / (|P| + |T|) from counts (scalars or arrays); 1 where both masks are empty."""
     inter, total = np.asarray(inter, dtype=np.float64), np.asarray(pred, dtype=np.float64) + np.asarray(target)
     return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
+def iou_from_counts(inter, pred, target):
+    """|P & T| / |P | T| from counts (scalars or arrays); 1 where both masks are empty."""
+    inter = np.asarray(inter, dtype=np.float64)
+    union = np.asarray(pred, dtype=np.float64) + np.asarray(target) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
