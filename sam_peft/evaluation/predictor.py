@@ -1,10 +1,13 @@
 """`MultiOrganPredictor`: segment-anything's `SamPredictor`, for every organ of an image at once.
 
 `set_image` runs the image encoder once; `predict` then answers prompts for any number of organs, as
-often as a person clicks, all organs through the mask decoder together. Prompts follow SAM's conventions:
-(x, y) pixel coordinates in the original image, and a lone click (ambiguous: part, organ or neighbour)
-takes the best of SAM's three candidate masks by the IoU head's estimate. `decode_prompts` is the
-decoding `evaluate` uses too, so interactive use and the benchmark numbers agree.
+often as a person clicks, all organs through the mask decoder together. Images are what users hold: a
+uint8 display image (grayscale or RGB), or CT in Hounsfield units with the `window` that `prepare` used
+for the training data; anything else (a float image in [0, 1], NaN pixels, a mask) is refused, because
+the model would silently see another image than the one it was trained on. Prompts follow SAM's
+conventions: (x, y) pixel coordinates in the original image, and a lone click (ambiguous: part, organ
+or neighbour) takes the best of SAM's three candidate masks by the IoU head's estimate. `decode_prompts`
+is the decoding `evaluate` uses too, so interactive use and the benchmark numbers agree.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..data.prepare import PrepareOptions, Window, to_unit_range
 from ..models.decoding import PAD_LABEL, decode_regions, encode_images
 from ..models.loading import processor_for
 from ..models.processor import SamInputProcessor
@@ -25,7 +29,46 @@ PROMPT_KEYS = ("box", "points", "labels")
 class Prediction(NamedTuple):
     mask: np.ndarray  # bool (H, W) at original resolution
     score: float  # the IoU head's estimate of the mask's IoU
-    low_res_logits: torch.Tensor  # (256, 256): pass back through `mask_inputs` with the next click
+    low_res_logits: np.ndarray  # float32 (256, 256): pass back through `mask_inputs` with the next click
+
+
+def display_image(image: np.ndarray | torch.Tensor, window: Window | str | Sequence[float] | None = None) -> np.ndarray:
+    """What a user holds -> the uint8 display image the model was trained on, or a ValueError saying why not.
+
+    uint8 (H, W), (H, W, 1) or (H, W, 3): used as it is, and so is an integer image whose values all lie in
+    [0, 255] (a prepared dataset's uint8 column comes out of `datasets` as int64). Integer or float CT in
+    Hounsfield units (H, W) with `window` (a preset name such as "abdomen", "level,width" or (level, width)):
+    windowed exactly as `prepare` windows volumes. Other images are ambiguous (is 1.0 white, or 1 HU?) and
+    are refused.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    kind = f"{image.dtype} image of shape {image.shape}"
+    if image.dtype == bool or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise ValueError(f"image: got a {kind}; give a uint8 display image, or Hounsfield units with window=")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
+        raise ValueError(f"image: got a {kind}; expected (H, W), (H, W, 1) or (H, W, 3)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image: got an empty {kind}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(f"image: {int((~np.isfinite(image)).sum())} pixel(s) of the {kind} are NaN or infinite")
+    if image.dtype == np.uint8:
+        if window is not None:
+            raise ValueError(f"image: got a uint8 display image and window={window!r}; a window applies to "
+                             "Hounsfield units only (pass the HU image, or no window)")
+        return image
+    if window is None:
+        low, high = image.min(), image.max()
+        if np.issubdtype(image.dtype, np.integer) and low >= 0 and high <= 255:
+            return image.astype(np.uint8)
+        raise ValueError(f"image: got a {kind} with values in [{low}, {high}] without a window; pass window= "
+                         "(e.g. 'abdomen' or (level, width)) for CT in Hounsfield units, or a uint8 display image "
+                         "(a float image in [0, 1] would be read as black)")
+    if image.ndim == 3 and image.shape[-1] != 1:
+        raise ValueError(f"image: got a {kind} with window={window!r}; Hounsfield units have one channel")
+    scaled, _ = to_unit_range(image.reshape(image.shape[:2]), PrepareOptions(window=window, modality="ct"))
+    return np.rint(scaled).astype(np.uint8)
 
 
 def stack_prompts(prompts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +151,7 @@ class MultiOrganPredictor:
 
     >>> predictor = MultiOrganPredictor(model)
     >>> predictor.set_image(ct_slice)  # (H, W) or (H, W, 3) uint8; the encoder runs here, once
+    >>> predictor.set_image(hu_slice, window="abdomen")  # or CT in Hounsfield units
     >>> out = predictor.predict({"liver": {"box": [20, 30, 80, 90]}, "spleen": {"points": [[95, 60]], "labels": [1]}})
     >>> out = predictor.predict({"spleen": {"points": [[95, 60], [99, 70]], "labels": [1, 0]}},
     ...                         mask_inputs={"spleen": out["spleen"].low_res_logits})  # refine with a click
@@ -120,23 +164,27 @@ class MultiOrganPredictor:
         self.original_hw: tuple[int, int] | None = None
 
     @torch.inference_mode()
-    def set_image(self, image: np.ndarray) -> None:
-        """Compute and keep the image embedding; every `predict` until the next `set_image` reuses it."""
+    def set_image(self, image: np.ndarray | torch.Tensor, window: Window | str | Sequence[float] | None = None) -> None:
+        """Compute and keep the image embedding; every `predict` until the next `set_image` reuses it.
+
+        image: uint8 (H, W) / (H, W, 3), or (H, W) Hounsfield units with `window` (see `display_image`).
+        """
+        image = display_image(image, window)
         parameter = next(self.model.parameters())
         pixels = self.processor.preprocess(image)[None].to(parameter.device, parameter.dtype)
         self.embeddings = encode_images(self.model, pixels)
-        self.original_hw = tuple(np.shape(image)[:2])
+        self.original_hw = tuple(image.shape[:2])
 
     @torch.inference_mode()
     def predict(
         self,
         prompts: Mapping[str, Mapping],
-        mask_inputs: Mapping[str, torch.Tensor] | None = None,
+        mask_inputs: Mapping[str, np.ndarray | torch.Tensor] | None = None,
         multimask: bool | None = None,
     ) -> dict[str, Prediction]:
-        """organ -> prompt (see `parse_prompt`) -> organ -> `Prediction`. `mask_inputs`: organ -> its previous
-        `low_res_logits` (refinement). `multimask`: force SAM's multimask choice on or off (default: on
-        exactly for one-click prompts)."""
+        """organ -> prompt (see `parse_prompt`) -> organ -> `Prediction`, as numpy on the CPU whatever the model's
+        device. `mask_inputs`: organ -> its previous `low_res_logits` (refinement). `multimask`: force SAM's
+        multimask choice on or off (default: on exactly for one-click prompts)."""
         if self.embeddings is None:
             raise RuntimeError("call set_image(image) before predict")
         if not prompts:
@@ -166,5 +214,5 @@ class MultiOrganPredictor:
             masks = torch.stack(masks)[None].to(device, self.embeddings.dtype)
         logits, scores = decode_prompts(self.model, self.embeddings, points, labels, masks, multimask)
         full = (self.processor.postprocess_masks(logits[0], self.original_hw) > 0).cpu().numpy()
-        return {organ: Prediction(full[i], float(scores[0, i]), logits[0, i].float().cpu())
-                for i, organ in enumerate(organs)}
+        low_res = logits[0].float().cpu().numpy()
+        return {organ: Prediction(full[i], float(scores[0, i]), low_res[i]) for i, organ in enumerate(organs)}

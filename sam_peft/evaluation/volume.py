@@ -5,9 +5,11 @@ windowed as `prepare` does, so the model sees what it was trained on. Prompts li
 the axial slice index from inferior to superior (a prepared slice's `slice_index`), `x` the column
 (patient right -> left) and `y` the row (anterior -> posterior). Each prompted slice is segmented, and its
 mask's bounding box, slightly enlarged, prompts the next slice in both directions until the organ ends
-(its mask vanishes or the model's IoU estimate drops): one box segments a whole organ. A `box3d` prompts
+(`StopRule`: the mask vanishes, fades to a remnant, leaves the previous slice's mask, or the IoU head's
+estimate drops well below this organ's own): one box segments a whole organ. A `box3d` prompts
 its middle slice and propagates within its slice range. Labels go back to the input's grid and affine
-(overlaps go to the organ with the higher logit) and are written as NIfTI with a sidecar JSON label map.
+(overlaps go to the organ with the higher logit) and are written as NIfTI with a sidecar JSON label map;
+where and why each organ's propagation stopped is printed and recorded in the sidecar.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from nibabel.orientations import aff2axcodes
 from tqdm.auto import tqdm
 
@@ -38,13 +41,63 @@ from .predictor import MultiOrganPredictor, parse_prompt
 PROPAGATION_MARGIN = 12.0  # px at 1024 scale around the previous slice's mask box (3 px at LiteMedSAM's 256)
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """What one propagation has accepted so far: its last slice and mask, its largest mask, its scores."""
+
+    z: int
+    pixels: np.ndarray  # flat indices of the last accepted mask's pixels
+    largest: int  # pixels of the largest accepted mask
+    scores: tuple[float, ...]  # the IoU head's estimates of the accepted masks
+
+    def then(self, z: int, pixels: np.ndarray, score: float) -> _Chain:
+        return _Chain(z, pixels, max(self.largest, len(pixels)), (*self.scores, score))
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a propagated mask ends its organ; `reason` says why, in words printed to the user.
+
+    Box-trained models fill any box they are given, even past the organ's end, so the end shows in the
+    masks: the mask vanishes (`min_pixels`), fades to a remnant of the organ's largest cross-section so far
+    (`min_area_fraction`), or slides off the previous slice's mask onto a neighbour (`min_overlap`, of the
+    smaller mask's pixels). The IoU head's estimate drops there too, but a fine-tuned head can be low
+    everywhere (adapters from the demo recipe rate masks of true IoU 0.95 at 0.8 and stop after one slice
+    with a plain threshold), so a low estimate ends an organ only when it is below `min_score` and also
+    `score_drop` below this organ's median estimate so far, which a uniformly shifted head shifts too.
+    """
+
+    min_pixels: int = 10
+    min_score: float = 0.75
+    score_drop: float = 0.1
+    min_overlap: float = 0.5
+    min_area_fraction: float = 0.1
+
+    def reason(self, pixels: np.ndarray, score: float, chain: _Chain) -> str | None:
+        """None to keep the mask `pixels` (flat indices) that continues `chain`, else why the organ ends."""
+        if len(pixels) < self.min_pixels:
+            return f"the mask has {len(pixels)} pixels (< {self.min_pixels})"
+        shared = np.intersect1d(pixels, chain.pixels, assume_unique=True).size / min(len(pixels), len(chain.pixels))
+        if shared < self.min_overlap:
+            return (f"the mask shares {shared:.0%} of its pixels with slice {chain.z}'s (< {self.min_overlap:.0%}): "
+                    "it left the organ")
+        if len(pixels) < self.min_area_fraction * chain.largest:
+            return (f"the mask ({len(pixels)} px) is {len(pixels) / chain.largest:.0%} of the organ's largest "
+                    f"({chain.largest} px, < {self.min_area_fraction:.0%}): the organ ended")
+        median = float(np.median(chain.scores))
+        if score < self.min_score and score < median - self.score_drop:
+            return (f"the IoU estimate {score:.2f} is below {self.min_score} and more than {self.score_drop} below "
+                    f"the organ's median {median:.2f}")
+        return None
+
+
 @dataclass
 class _Seed:
     organ: str
     z: int
     prompt: Mapping  # a slice prompt, see `parse_prompt`
     reach: tuple[int, int]  # the slices propagation from this seed may visit
-    given: bool = True  # prompted by the user, rather than propagated from a neighbouring slice
+    chain: _Chain | None = None  # None: prompted by the user; else the propagation this slice continues
 
 
 def predict_volume(
@@ -66,9 +119,10 @@ def predict_volume(
     {"points": [[x, y], ...], "labels": [1 | 0, ...]} or both}} and/or {"box3d": [x0, y0, z0, x1, y1, z1]}.
     label_map: a list of organ names (label values 1, 2, ...), or a label map preset / file / dict whose
     ids the output uses. window / modality: the intensity conversion of `prepare` (match the training
-    data). propagate: carry every prompted slice's mask to the neighbouring slices; propagation stops
-    where a mask has fewer than `min_pixels` pixels or an IoU-head score below `min_score`. Returns the
-    sidecar's content.
+    data). propagate: carry every prompted slice's mask to the neighbouring slices until `StopRule`
+    (with `min_pixels` and `min_score`) ends the organ; a prompted slice is always kept. progress: show a
+    progress bar and print where and why each organ's propagation stopped. Returns the sidecar's content,
+    which records those stops under "propagation".
     """
     output_path = Path(output_path)
     if not output_path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -80,14 +134,28 @@ def predict_volume(
     display = to_display(volume)
     seeds = _seeds(_read_prompts(prompts), label_map, display.array.shape)
     scaled, _ = to_unit_range(display.array, PrepareOptions(window=window, modality=modality))
-    ids = _output_ids(label_map, {seed.organ for seed in seeds})
-    segmenter = _Segmenter(MultiOrganPredictor(model), np.rint(scaled).astype(np.uint8), ids, min_pixels, min_score)
+    ids = output_ids(label_map, {seed.organ for seed in seeds})
+    segmenter = _Segmenter(MultiOrganPredictor(model), np.rint(scaled).astype(np.uint8), ids,
+                           StopRule(min_pixels=min_pixels, min_score=min_score))
     segmenter.run(seeds, propagate, progress)
+    if progress:
+        for organ, record in segmenter.record().items():
+            for stop in record["stops"]:
+                print(f"{organ}: stopped at slice {stop['slice']} ({stop['direction']}): {stop['reason']}")
+    return save_labels(segmenter.labels, display.affine, volume, ids, output_path,
+                       input=str(input_path), label_map=label_map.name, propagation=segmenter.record())
 
-    labels = reorient(Volume(segmenter.labels, display.affine, volume.path), aff2axcodes(volume.affine)).array
-    image = nib.Nifti1Image(labels, volume.affine)
-    image.set_qform(volume.affine, code=1)
-    info = {"input": str(input_path), "output": str(output_path), "label_map": label_map.name,
+
+def save_labels(labels: np.ndarray, display_affine: np.ndarray, source: Volume, ids: Mapping[str, int],
+                output_path: str | Path, **info) -> dict:
+    """Write `labels` (display orientation, organ ids `ids`) on the grid and affine of `source` as read, and
+    the sidecar `<output>.json` ({"labels": {id: organ}, "voxels": {organ: count}} plus `info`), atomically.
+    Returns the sidecar's content."""
+    output_path = Path(output_path)
+    labels = reorient(Volume(labels, display_affine, source.path), aff2axcodes(source.affine)).array
+    image = nib.Nifti1Image(labels, source.affine)
+    image.set_qform(source.affine, code=1)
+    info = {**info, "output": str(output_path),
             "labels": {str(ids[organ]): organ for organ in sorted(ids, key=ids.get)},
             "voxels": {organ: int((labels == ids[organ]).sum()) for organ in sorted(ids, key=ids.get)}}
     sidecar = output_path.with_name(strip_suffix(output_path) + ".json")
@@ -153,7 +221,7 @@ def _seeds(prompts: Mapping, label_map: LabelMap, shape: tuple[int, int, int]) -
     return list(seeds.values())
 
 
-def _output_ids(label_map: LabelMap, organs: set[str]) -> dict[str, int]:
+def output_ids(label_map: LabelMap, organs: set[str]) -> dict[str, int]:
     """Organ -> its (smallest) raw id in the label map: the value it gets in the output."""
     ids = {}
     for raw_id, index in sorted(label_map.index_of_id.items()):
@@ -173,18 +241,17 @@ class _Segmenter:
     """The label volume in display orientation, filled slice by slice: one encoder pass per visited slice,
     all organs of that slice in one `predict`. Where organs overlap, the higher logit wins.
 
-    A propagated mask ends its organ when it has fewer than `min_pixels` pixels or the IoU head rates it
-    below `min_score`: box-trained models fill any box they are given, even past the organ's end, but
-    their own quality estimate drops there. A slice the user prompted is always kept.
+    A propagated mask is kept until `rule` ends its organ; a slice the user prompted is always kept (an
+    empty mask there has nothing to propagate and is reported instead).
     """
 
-    def __init__(self, predictor: MultiOrganPredictor, pixels: np.ndarray, ids: dict[str, int], min_pixels: int,
-                 min_score: float):
-        self.predictor, self.pixels, self.ids = predictor, pixels, ids
-        self.min_pixels, self.min_score = min_pixels, min_score
+    def __init__(self, predictor: MultiOrganPredictor, pixels: np.ndarray, ids: dict[str, int], rule: StopRule):
+        self.predictor, self.pixels, self.ids, self.rule = predictor, pixels, ids, rule
         self.labels = np.zeros(pixels.shape, dtype=np.uint8 if max(ids.values()) < 256 else np.uint16)
         self.best = np.zeros(pixels.shape, dtype=np.float32)  # winning logit per voxel (> 0 where labelled)
-        self.found: dict[str, dict[int, tuple | None]] = defaultdict(dict)  # organ -> z -> (mask box, reach) | None
+        # organ -> z -> (mask box, reach, chain), or None where the organ was not kept
+        self.found: dict[str, dict[int, tuple | None]] = defaultdict(dict)
+        self.stops: dict[str, list[dict]] = defaultdict(list)  # organ -> where and why its propagation stopped
         self.margin = PROPAGATION_MARGIN * max(pixels.shape[1:]) / 1024
 
     def run(self, seeds: list[_Seed], propagate: bool, progress: bool) -> None:
@@ -209,9 +276,9 @@ class _Segmenter:
         out = {}
         for organ, found in self.found.items():
             if z not in found and found.get(previous) is not None:
-                box, reach = found[previous]
+                box, reach, chain = found[previous]
                 if reach[0] <= z <= reach[1]:
-                    out[organ] = _Seed(organ, z, {"box": box}, reach, given=False)
+                    out[organ] = _Seed(organ, z, {"box": box}, reach, chain)
         return out
 
     def _segment(self, z: int, tasks: dict[str, _Seed]) -> None:
@@ -219,12 +286,31 @@ class _Segmenter:
         predictions = self.predictor.predict({organ: task.prompt for organ, task in tasks.items()})
         for organ, prediction in predictions.items():
             task = tasks[organ]
-            if prediction.mask.sum() < self.min_pixels or (not task.given and prediction.score < self.min_score):
+            pixels = np.flatnonzero(prediction.mask)
+            if task.chain is None:  # prompted by the user: kept whatever its size
+                reason = None if len(pixels) else "the prompt gave an empty mask"
+                chain = _Chain(z, pixels, len(pixels), (prediction.score,))
+            else:
+                reason = self.rule.reason(pixels, prediction.score, task.chain)
+                chain = task.chain.then(z, pixels, prediction.score)
+            if reason is not None:
+                direction = "prompted" if task.chain is None else "up" if z > task.chain.z else "down"
+                self.stops[organ].append({"slice": z, "direction": direction, "reason": reason})
                 self.found[organ][z] = None
                 continue
-            self.found[organ][z] = (_bounding_box(prediction.mask, self.margin), task.reach)
-            logits = self.predictor.processor.postprocess_masks(prediction.low_res_logits, prediction.mask.shape)
-            logits = logits.numpy()
+            self.found[organ][z] = (_bounding_box(prediction.mask, self.margin), task.reach, chain)
+            low_res = torch.from_numpy(prediction.low_res_logits)
+            logits = self.predictor.processor.postprocess_masks(low_res, prediction.mask.shape).numpy()
             wins = logits > self.best[z]
             self.labels[z][wins] = self.ids[organ]
             self.best[z][wins] = logits[wins]
+
+    def record(self) -> dict[str, dict]:
+        """Organ -> {"slices": [first, last] kept (display z) or None, "stops": [{"slice", "direction", "reason"}]}:
+        "up" runs towards higher (superior) slice indices."""
+        out = {}
+        for organ in sorted(set(self.found) | set(self.stops)):
+            kept = [z for z, entry in self.found[organ].items() if entry is not None]
+            out[organ] = {"slices": [min(kept), max(kept)] if kept else None,
+                          "stops": sorted(self.stops[organ], key=lambda stop: stop["slice"])}
+        return out
