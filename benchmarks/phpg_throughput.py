@@ -1,7 +1,8 @@
 """PHPG training-step throughput in regions/s: single- vs multi-region, refinement rounds, cached embeddings.
 
-    python benchmarks/phpg_throughput.py [--model litemedsam|PATH] [--images N] [--regions K] [--rounds 3]
-        [--repeats R] [--warmup 1] [--device auto] [--dtype bf16|fp32] [--preset encoder+decoder] [--threads T]
+    python benchmarks/phpg_throughput.py [--model litemedsam|sam-vit-base-random|PATH] [--images N] [--regions K]
+        [--rounds 3] [--repeats R] [--warmup 1] [--device auto] [--dtype bf16|fp32] [--preset encoder+decoder]
+        [--threads T] [--compile] [--peak-tflops 790]
 
 A step is forward + backward + AdamW step with LoRA r=8 (`--preset`), on one batch that `PHPGCollator`
 builds from phantom slices (every behaviour in the mixture), so all variants see the same regions:
@@ -11,6 +12,12 @@ builds from phantom slices (every behaviour in the mixture), so all variants see
 - cached: embeddings precomputed, decoder LoRA only, 1 region per decoder call vs all at once (1 round);
 - the collator's CPU time per batch, and `next_clicks` timed alone on the step's own tensors, each as a
   share of the multi + rounds step.
+
+`sam-vit-base-random` is SAM ViT-B (1024 input) with random weights: the throughput of the architecture
+without its weights, for machines that cannot download them. `--compile` compiles the image encoder and
+the mask decoder in place (`nn.Module.compile`). FLOPs of the multi + rounds step are counted with
+`torch.utils.flop_counter` (matmuls, convolutions, attention; forward and backward) and reported as
+TFLOP/s and as a share of `--peak-tflops` (MFU; 790 is the bf16 matmul rate measured on an H200/H100).
 
 Medians over `--repeats` after `--warmup` runs (CUDA synchronised). bf16 autocast on CUDA, fp32 on the CPU.
 Defaults: 4 images x 8 regions x 5 repeats on CUDA; 2 x 4 x 3 on the CPU (a few minutes on 2 cores). On a
@@ -28,7 +35,9 @@ from collections.abc import Callable
 
 import datasets
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
+from transformers import SamConfig, SamModel
 
 from sam_peft.data import phantom_dataset, read_metadata
 from sam_peft.models import PRESETS, apply_lora, load_base_model, processor_for
@@ -62,10 +71,23 @@ def phantom_items(images: int) -> tuple[list[str], list[dict]]:
     return read_metadata(dataset)["organ_names"], [dict(rows[i], sample_id=i) for i in order[:images]]
 
 
-def lora_model(name: str, preset: str, device: torch.device):
-    model = apply_lora(load_base_model(name), preset, r=8, verbose=False).to(device)
+RANDOM_VIT_B = "sam-vit-base-random"
+
+
+def lora_model(name: str, preset: str, device: torch.device, compile_modules: bool = False):
+    base = SamModel(SamConfig()).eval() if name == RANDOM_VIT_B else load_base_model(name)
+    model = apply_lora(base, preset, r=8, verbose=False).to(device)
+    if compile_modules:
+        compile_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
+
+
+def compile_model(model) -> None:
+    """Compile the encoder and decoder in place (parameter names, and so LoRA and the optimizer, unchanged)."""
+    sam = model.get_base_model()
+    sam.vision_encoder.compile()
+    sam.mask_decoder.compile(dynamic=True)  # region groups change size from call to call
 
 
 def training_step(model, optimizer, batch, autocast, **step_kwargs) -> Callable[[], None]:
@@ -94,6 +116,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", default="encoder+decoder", choices=sorted(PRESETS),
                         help="LoRA targets of the full step")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the image encoder and mask decoder")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="the device's matmul peak in TFLOP/s, for MFU (default: bf16 measured on an H200)")
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,12 +150,17 @@ def main() -> None:
     batch = {key: value.to(device) for key, value in collator(items).items()}
     regions = int(batch["region_valid"].sum())
     generator = torch.Generator(device=device).manual_seed(0)
+    full = dict(random_clicks=True, generator=generator)
+    with FlopCounterMode(display=False) as counter:  # model FLOPs: eager, no compilation, no recomputation
+        training_step(model, optimizer, batch, autocast, rounds=rounds, checkpoint_rounds=False, **full)()
+    step_flops = counter.get_total_flops()
+    if args.compile:
+        compile_model(model)
     timings = {}
 
     def measure(label: str, step: Callable[[], None]) -> None:
         timings[label] = median_seconds(step, args.repeats, args.warmup, device, label)
 
-    full = dict(random_clicks=True, generator=generator)
     measure("single", training_step(model, optimizer, batch, autocast, rounds=1, regions_per_forward=1, **full))
     measure("multi", training_step(model, optimizer, batch, autocast, rounds=1, **full))
     measure("rounds", training_step(model, optimizer, batch, autocast, rounds=rounds, **full))
@@ -141,7 +171,7 @@ def main() -> None:
                              args.repeats, args.warmup, device, "next_clicks") * (rounds - 1)
 
     del model, optimizer
-    decoder_model, decoder_optimizer = lora_model(args.model, "decoder", device)
+    decoder_model, decoder_optimizer = lora_model(args.model, "decoder", device, args.compile)
     with torch.no_grad(), autocast():
         embeddings = encode_images(decoder_model, batch["pixel_values"])
     cached = dict(rounds=1, image_embeddings=embeddings, **full)
@@ -154,7 +184,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if on_cuda else f"CPU, intra-op threads: {torch.get_num_threads()}"
     print(f"{args.model} ({processor.image_size} input), {card}, torch {torch.__version__}, {args.dtype}; "
           f"batch {b} images x {k} regions ({regions} valid) from phantom slices; LoRA r=8 {args.preset} "
-          f"(cached: decoder); median of {args.repeats} after {args.warmup} warmup")
+          f"(cached: decoder){', compiled' if args.compile else ''}; median of {args.repeats} after {args.warmup} warmup")
     rows = [
         ("single: 1 region/forward, 1 round", timings["single"], regions),
         (f"multi: {k} regions/forward, 1 round", timings["multi"], regions),
@@ -173,6 +203,18 @@ def main() -> None:
           f"cached multi / single-call = {timings['cached single'] / timings['cached multi']:.2f}x; "
           f"clicks share of a multi + {rounds} rounds step = {100 * click_s / timings['rounds']:.1f}%; "
           f"collator share = {100 * collate_s / timings['rounds']:.1f}% (before DataLoader workers overlap it)")
+    achieved = step_flops / timings["rounds"] / 1e12
+    print(f"multi + {rounds} rounds step: {step_flops / 1e12:.3f} TFLOP (forward + backward, counted), "
+          f"{achieved:.1f} TFLOP/s = {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:.0f} TFLOP/s (MFU); "
+          f"peak memory {_peak_memory(device)}")
+
+
+def _peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (process peak)"
 
 
 if __name__ == "__main__":

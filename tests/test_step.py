@@ -156,6 +156,26 @@ def test_gradients_reach_lora_and_trained_iou_head():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+def test_checkpointed_rounds_give_the_same_loss_and_gradients():
+    """Recomputing each round in backward (memory flat in rounds) is the same computation as keeping it."""
+    results = []
+    for recompute in (False, True):
+        model = apply_lora(tiny_model(), "encoder+decoder", r=4, train_heads=("iou",), verbose=False)
+        for name, p in model.named_parameters():  # non-zero B, so lora_A gets gradients too
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        out = phpg_forward(model, hand_batch(), rounds=3, generator=torch.Generator().manual_seed(3),
+                           checkpoint_rounds=recompute)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (plain_loss, plain), (recomputed_loss, recomputed) = results
+    torch.testing.assert_close(recomputed_loss, plain_loss)
+    assert plain.keys() == recomputed.keys() and any("lora_A" in n and "vision_encoder" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_cached_embeddings_leave_the_encoder_without_gradient():
     model = apply_lora(tiny_model(), "encoder+decoder", r=4, verbose=False)
     batch = hand_batch()
@@ -294,8 +314,9 @@ def test_single_click_regions_use_the_iou_chosen_multimask(litemedsam_lora, phan
     one, one_iou = decode_regions(litemedsam_lora, embeddings, batch["points"], labels)
     three, three_iou = decode_regions(litemedsam_lora, embeddings, batch["points"], labels, multimask_output=True)
     chosen = torch.take_along_dim(three, three_iou.argmax(-1)[..., None, None, None], dim=2)[:, :, 0]
-    torch.testing.assert_close(out.low_res_logits[single], chosen[single])
-    torch.testing.assert_close(out.low_res_logits[~single], one[:, :, 0][~single])
+    # rows are decoded in differently composed groups here and there: float sums differ in the last bits
+    torch.testing.assert_close(out.low_res_logits[single], chosen[single], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.low_res_logits[~single], one[:, :, 0][~single], atol=1e-4, rtol=1e-4)
     multi_targets = targets[:, :, None].expand_as(three)
     best = segmentation_loss(three, multi_targets).min(-1).values
     iou_mse = (three_iou - hard_iou(three, multi_targets)).square().mean(-1)

@@ -25,23 +25,33 @@ def cache_key(model, dataset: Dataset, processor: SamInputProcessor) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-@torch.inference_mode()
 def image_embeddings(
     model, dataset: Dataset, processor: SamInputProcessor, cache_dir: str | Path,
-    batch_size: int = 8, device: torch.device | str = "cpu", progress: bool = True,
+    batch_size: int = 8, progress: bool = True,
 ) -> torch.Tensor:
     """(N, C, h, w) float16 embeddings of every row's `image`, from `cache_dir` when already computed."""
     path = Path(cache_dir) / f"embeddings-{cache_key(model, dataset, processor)}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path, mmap_mode="r"))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"caching image embeddings of {len(dataset)} slices in {path} (delete the folder to free the space)")
+    array = encode_dataset(model, dataset, processor, batch_size, progress)
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
+    return torch.from_numpy(array)
+
+
+@torch.inference_mode()
+def encode_dataset(model, dataset: Dataset, processor: SamInputProcessor, batch_size: int = 8,
+                   progress: bool = True) -> np.ndarray:
+    """(N, C, h, w) float16 encoder outputs of every row's `image`, computed wherever `model` is: the pixels
+    follow its parameters, so no caller can send them to another device than the weights."""
+    parameter = next(model.parameters())
     images = dataset.with_format("numpy")
     chunks = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="caching image embeddings", disable=not progress):
         rows = images[start:start + batch_size]["image"]
-        pixels = torch.stack([processor.preprocess(np.asarray(im, dtype=np.uint8)) for im in rows]).to(device)
+        pixels = torch.stack([processor.preprocess(np.asarray(im, dtype=np.uint8)) for im in rows])
+        pixels = pixels.to(parameter.device, parameter.dtype)
         chunks.append(encode_images(model, pixels).to("cpu", torch.float16).numpy())
-    array = np.concatenate(chunks)
-    with atomic_path(path) as tmp:
-        np.save(tmp, array)
-    return torch.from_numpy(array)
+    return np.concatenate(chunks)

@@ -6,6 +6,12 @@ that region's mask prompt. Every round is supervised (Dice + BCE on low-res logi
 learns to predict the IoU actually achieved. Everything stays batched on the device, with no per-region
 loop; the only host reads are the few integers `decode_regions` needs to group regions by prompt length.
 `regions_per_forward=1` turns the same code into the segment-single-region baseline.
+
+Rounds are chained only through detached prompts (the previous logits and the new click), so no gradient
+flows between rounds. With `checkpoint_rounds` (the default when gradients are on) each round's decoder
+activations are freed after its forward and recomputed during backward, one round at a time: peak memory
+then stays at about one round's worth whatever the number of rounds, for the price of a second decoder
+forward (the image encoder, which dominates a step with encoder adapters, is not recomputed).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..models.decoding import PAD_LABEL, decode_regions, encode_images, sam_of
 from ..prompts.clicks import PERFECT, next_clicks
@@ -78,12 +85,14 @@ def phpg_forward(
     random_clicks: bool = True,
     generator: torch.Generator | None = None,
     regions_per_forward: int | None = None,
+    checkpoint_rounds: bool = True,
 ) -> StepOutput:
     """Run the multi-region iterative step on a collated PHPG batch (see `PHPGCollator`).
 
     image_embeddings: precomputed (B, C, h, w) for frozen-encoder training; otherwise the encoder runs on
     `batch["pixel_values"]` once per image (once per chunk of `regions_per_forward` regions: the baseline).
-    sample_weights: (B,) CBDP loss weights.
+    sample_weights: (B,) CBDP loss weights. checkpoint_rounds: recompute each round's decoder pass in backward
+    instead of keeping its activations (memory flat in `rounds`); only matters when gradients are on.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -91,7 +100,8 @@ def phpg_forward(
     k = valid.shape[1]
     chunk = k if regions_per_forward is None else regions_per_forward
     parts = [
-        _forward_regions(model, batch, slice(start, start + chunk), rounds, image_embeddings, random_clicks, generator)
+        _forward_regions(model, batch, slice(start, start + chunk), rounds, image_embeddings, random_clicks, generator,
+                         checkpoint_rounds and rounds > 1 and torch.is_grad_enabled())
         for start in range(0, k, chunk)
     ]
     region_loss = torch.cat([p[0] for p in parts], dim=1)  # (B, K) summed over rounds
@@ -106,7 +116,7 @@ def phpg_forward(
                       region_dice=dice.detach() * valid, low_res_logits=logits.detach())
 
 
-def _forward_regions(model, batch, regions: slice, rounds, image_embeddings, random_clicks, generator):
+def _forward_regions(model, batch, regions: slice, rounds, image_embeddings, random_clicks, generator, recompute):
     embeddings = image_embeddings if image_embeddings is not None else encode_images(model, batch["pixel_values"])
     points = batch["points"][:, regions].float()
     labels = batch["point_labels"][:, regions]
@@ -114,7 +124,11 @@ def _forward_regions(model, batch, regions: slice, rounds, image_embeddings, ran
     scale = sam_of(model).prompt_encoder.input_image_size / targets.shape[-1]  # low-res -> model-input pixels
     mask_inputs, total = None, 0.0
     for r in range(rounds):
-        logits, loss = _round(model, embeddings, points, labels, mask_inputs, targets)
+        if recompute and r + 1 < rounds:  # the last round's activations are consumed first by backward anyway
+            logits, loss = checkpoint(_round, model, embeddings, points, labels, mask_inputs, targets,
+                                      use_reentrant=False)
+        else:
+            logits, loss = _round(model, embeddings, points, labels, mask_inputs, targets)
         total = total + loss
         if r + 1 < rounds:
             click, click_label = next_clicks(logits.detach() > 0, targets, random=random_clicks, generator=generator)
@@ -136,13 +150,15 @@ def _mask_prompt(model, logits: torch.Tensor) -> torch.Tensor:
 class PHPGStep(nn.Module):
     """`phpg_forward` as a module, so `accelerate`/DDP wraps the whole step and syncs its gradients."""
 
-    def __init__(self, model: nn.Module, rounds: int = 3, regions_per_forward: int | None = None):
+    def __init__(self, model: nn.Module, rounds: int = 3, regions_per_forward: int | None = None,
+                 checkpoint_rounds: bool = True):
         super().__init__()
         self.model = model
         self.rounds = rounds
         self.regions_per_forward = regions_per_forward
+        self.checkpoint_rounds = checkpoint_rounds
 
     def forward(self, batch, image_embeddings=None, sample_weights=None, generator=None) -> StepOutput:
         return phpg_forward(self.model, batch, self.rounds, image_embeddings, sample_weights,
                             random_clicks=self.training, generator=generator,
-                            regions_per_forward=self.regions_per_forward)
+                            regions_per_forward=self.regions_per_forward, checkpoint_rounds=self.checkpoint_rounds)

@@ -1,17 +1,26 @@
 """`train(config)`: PHPG batches, CBDP sampling and LoRA adapters on `accelerate`.
 
-The same code runs on one CPU, one GPU, or several processes under `accelerate launch`. The CBDP sampler
-shards the data itself (so the DataLoader is not prepared), every process folds in every process's
-losses, and `accelerator.save_state` checkpoints carry the sampler and the loop position, so `resume`
-continues a killed run where it stopped.
+The same code runs on one CPU, one GPU, or several processes under `accelerate launch`, and accelerate
+carries the loop: the DataLoader over the CBDP plan is prepared (accelerate shards its batches over the
+processes and marks the epoch's end, so a last incomplete accumulation window still steps), `accumulate`
+and `sync_gradients` decide the optimizer steps, `skip_first_batches` continues a resumed epoch, `reduce`
+combines the logged metrics and `save_state` checkpoints the model, optimizer, RNGs, CBDP sampler and loop
+position. Every process holds the same CBDP plan (the sampler gathers every process's losses before it
+plans an epoch), so the sampler itself does not shard.
+
+Validation runs on the main process while the others wait at a barrier: the process-group timeout is raised
+to `VALIDATION_TIMEOUT` so a large validation set does not trip the collective timeout (NCCL's default is
+10 minutes); validation sets that take longer than that should be subsampled.
 """
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -19,9 +28,11 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from datasets import DatasetDict
-from torch.utils.data import DataLoader, Dataset
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ..data import load_prepared, phantom_dataset, read_metadata
@@ -30,9 +41,12 @@ from ..models import apply_lora, load_base_model, processor_for, save_adapter
 from ..prompts import PHPGCollator
 from ..pruning import CBDPSampler
 from .config import TrainConfig
+from .distill import DistilledStep
 from .embedding_cache import image_embeddings
 from .hub import write_model_card
 from .step import PHPGStep
+
+VALIDATION_TIMEOUT = timedelta(hours=2)
 
 
 class _Rows(Dataset):
@@ -48,12 +62,30 @@ class _Rows(Dataset):
         return {**self.dataset[int(index)], "sample_id": int(index)}
 
 
+class _Plan(Sampler[int]):
+    """The CBDP sampler's current epoch plan, without its `set_epoch`.
+
+    accelerate's prepared DataLoader calls `set_epoch(<its pass count>)` on the sampler it finds, which
+    would fold in the losses and plan again; the trainer sets CBDP's epoch itself, and never mid-epoch, as a
+    resumed epoch must keep the plan it was checkpointed with.
+    """
+
+    def __init__(self, cbdp: CBDPSampler):
+        self.cbdp = cbdp
+
+    def __iter__(self):
+        return iter(self.cbdp)
+
+    def __len__(self) -> int:
+        return len(self.cbdp)
+
+
 @dataclass
 class Progress:
     """Where the loop is; checkpointed with the model so a resumed run skips what was done."""
 
     epoch: int = 0
-    batch: int = 0  # batches done in `epoch`
+    batch: int = 0  # micro-batches this process has done in `epoch` (what a resume skips)
     step: int = 0  # optimizer steps overall
     best: float = -math.inf
     train_seconds: float = 0.0  # time spent in training steps (not validation), across resumes
@@ -96,29 +128,129 @@ def lr_at(progress: float, config: TrainConfig) -> float:
     return config.lr
 
 
-def claim_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
-    if (output / "config.yaml").exists() and not resume:
-        if not overwrite:
-            raise FileExistsError(f"{output} holds another run: pass resume=True (--resume) to continue it "
-                                  "or overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+class Checkpoints:
+    """The `step-N` folders of a run. A folder counts once its `done` marker exists, written after every
+    process has saved its part, and a folder this run completed is never written again."""
+
+    def __init__(self, output: Path, keep: int):
+        self.root, self.keep = output / "checkpoints", keep
+        self.last_step: int | None = None  # the step of the newest checkpoint this run saved or resumed from
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step-*") if (p / "done").exists())
+
+    def usable(self, say) -> list[Path]:
+        """Complete checkpoints, newest first, without those whose weight files cannot be opened (a cheap
+        check before any expensive work; `resume` still falls back if a checkpoint fails to load)."""
+        found = []
+        for folder in reversed(self.complete()):
+            try:
+                for weights in folder.glob("*.safetensors"):
+                    with safe_open(str(weights), "pt"):
+                        pass
+                found.append(folder)
+            except Exception as err:  # noqa: BLE001 - any unreadable file disqualifies the checkpoint
+                say(f"skipping checkpoint {folder}: {weights.name} cannot be read ({err})")
+        return found
+
+    def save(self, accelerator: Accelerator, progress: Progress) -> None:
+        if progress.step == self.last_step:
+            return  # no optimizer step since the last checkpoint: it already holds this state
+        folder = self.root / f"step-{progress.step:07d}"
+        if accelerator.is_main_process and folder.exists():
+            shutil.rmtree(folder)  # left by a killed save, or by a run that resumed from an older checkpoint
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(folder))
+        accelerator.wait_for_everyone()  # every process's files are written before the marker says so
+        if accelerator.is_main_process:
+            with atomic_path(folder / "done") as tmp:
+                tmp.write_text(json.dumps(progress.state_dict()))
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        self.last_step = progress.step
+
+    def resume(self, accelerator: Accelerator, candidates: list[Path]) -> None:
+        """Load the newest of `candidates` that loads on every process; say which were skipped and why."""
+        reasons = []
+        for folder in candidates:
+            error = None
+            try:
+                accelerator.load_state(str(folder))
+            except Exception as err:  # noqa: BLE001 - a checkpoint that fails to load is skipped, whatever failed
+                error = f"{type(err).__name__}: {err}"
+            failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
+            if not failed.item():
+                self.last_step = int(folder.name.split("-")[1])
+                accelerator.print(f"resumed from {folder}")
+                return
+            reasons.append(f"{folder.name}: {error or 'another process could not load it'}")
+            accelerator.print(f"skipping checkpoint {folder}: {reasons[-1]}")
+        raise ValueError(f"{self.root}: no checkpoint could be loaded ({'; '.join(reasons)}); "
+                         "start again with overwrite=True (--overwrite)")
+
+    def where(self) -> str:
+        """How to continue after an interruption, from what is on disk."""
+        found = self.complete()
+        if not found:
+            return "no checkpoint was written yet: rerun the same command to start again"
+        state = json.loads((found[-1] / "done").read_text())
+        return (f"the newest checkpoint is {found[-1]} (epoch {state['epoch']}, optimizer step {state['step']}): "
+                "continue with --resume (train(config, resume=True))")
+
+
+def _trained_run(output: Path) -> bool:
+    """Whether `output` holds a run with something to keep: a checkpoint or a final adapter. A config.yaml
+    (and a best_adapter) without them is a start interrupted before its first checkpoint: a rerun replaces it."""
+    return bool(Checkpoints(output, 1).complete()) or (output / "adapter").exists()
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Fine-tune, validate each `eval_every` epochs, keep the best adapter; returns the final metrics."""
-    from ..evaluation import evaluate
+    """Fine-tune, validate each `eval_every` epochs, keep the best adapter; returns the final metrics.
 
+    On KeyboardInterrupt it prints where the run stands and how to continue, then re-raises.
+    """
     config.validate()
     output = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with,
-                              project_dir=str(output), gradient_accumulation_steps=config.grad_accum)
-    data, meta = load_data(config)  # bad data or model names fail before anything is written
+                              project_dir=str(output), gradient_accumulation_steps=config.grad_accum,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=VALIDATION_TIMEOUT)])
+    checkpoints = Checkpoints(output, config.keep_checkpoints)
+    try:
+        return _train(accelerator, config, checkpoints, resume, overwrite)
+    except KeyboardInterrupt:
+        if accelerator.is_main_process:
+            print(f"\ntraining interrupted; {checkpoints.where()}", file=sys.stderr)
+        raise
+    finally:
+        # accelerate keeps its settings process-wide: a later train() in this process may choose others
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train(accelerator: Accelerator, config: TrainConfig, checkpoints: Checkpoints, resume: bool,
+           overwrite: bool) -> dict:
+    from ..evaluation import evaluate
+
+    output = Path(config.output_dir)
+    # every check that can refuse the run comes before anything expensive or written, on every process
+    data, meta = load_data(config)
     train_set, val_set = data[config.train_split], data[config.val_split]
     organ_names = meta["organ_names"]
-    base = load_base_model(config.model)
+    candidates = []
+    if resume:
+        candidates = checkpoints.usable(accelerator.print)
+        if not candidates:
+            raise FileNotFoundError(f"{output}: nothing to resume, no usable checkpoint under {checkpoints.root}; "
+                                    "run without resume (--resume) to start")
+    elif _trained_run(output) and not overwrite:
+        raise FileExistsError(f"{output} holds another run: pass resume=True (--resume) to continue it "
+                              "or overwrite=True (--overwrite) to replace it")
+    base = load_base_model(config.model).to(accelerator.device)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        claim_output_dir(output, resume, overwrite)
+        if overwrite and not resume and output.exists():
+            shutil.rmtree(output)
         with atomic_path(output / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     accelerator.wait_for_everyone()
@@ -128,7 +260,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     if config.frozen_encoder:  # the encoder's output never changes: cache it for training and validation
         cache_dir = config.cache_dir or output.parent / ".embedding_cache"
         with accelerator.main_process_first():
-            cached, val_cached = (image_embeddings(base, rows, processor, cache_dir, device=accelerator.device,
+            cached, val_cached = (image_embeddings(base, rows, processor, cache_dir,
                                                    progress=accelerator.is_local_main_process)
                                   for rows in (train_set, val_set))
         evaluate = partial(evaluate, image_embeddings=val_cached)
@@ -140,47 +272,51 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     min_pixels = max(config.min_pixels, meta.get("min_pixels", 1))
     sample_organs = [[o for o, n in zip(organs, pixels) if n >= min_pixels]
                      for organs, pixels in zip(train_set["organs"], train_set["organ_pixels"])]
+    # one unsharded plan on every process: the prepared DataLoader shards its batches
     sampler = CBDPSampler(sample_organs, num_epochs=config.epochs, prune_ratio=config.prune_ratio,
                           anneal=config.anneal, seed=config.seed, strategy=config.pruning,
-                          budget=config.prune_budget)
+                          budget=config.prune_budget, num_replicas=1, rank=0)
     collator = PHPGCollator(processor, organ_names, behaviours=config.behaviours, max_regions=config.max_regions,
                             min_pixels=min_pixels, seed=config.seed, include_pixels=cached is None)
-    step = PHPGStep(model, rounds=config.rounds)
+    loader = DataLoader(_Rows(train_set), batch_size=config.batch_size, sampler=_Plan(sampler),
+                        collate_fn=collator, num_workers=config.num_workers)
+    step = (DistilledStep(model, config.rounds, config.distill_weight, config.distill_boxes) if config.distill_weight
+            else PHPGStep(model, rounds=config.rounds))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    step, optimizer = accelerator.prepare(step, optimizer)
+    step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
     progress = Progress()
     accelerator.register_for_checkpointing(sampler, progress)
     if resume:
-        _resume(accelerator, output)
+        checkpoints.resume(accelerator, candidates)
     accelerator.init_trackers("sam_peft", config={k: str(v) for k, v in config.to_dict().items()})
 
-    rows = _Rows(train_set)
-    done, last_eval = False, (-1, None)  # (step, metrics) of the latest validation
+    done = bool(config.max_steps) and progress.step >= config.max_steps
+    last_eval = (-1, None)  # (step, metrics) of the latest validation
     while progress.epoch < config.epochs and not done:
         epoch = progress.epoch
         if progress.batch == 0:  # mid-epoch, a resumed sampler already holds this epoch's plan
             sampler.set_epoch(epoch)
         collator.set_epoch(epoch)
-        full_order = list(sampler)
-        n_batches = math.ceil(len(full_order) / config.batch_size)
-        order = full_order[progress.batch * config.batch_size:]
-        loader = DataLoader(rows, batch_size=config.batch_size, sampler=order, collate_fn=collator,
-                            num_workers=config.num_workers)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", initial=progress.batch,
-                   total=progress.batch + len(loader), disable=not accelerator.is_local_main_process)
+        n_batches = len(loader)  # this process's micro-batches this epoch
+        steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+        batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", initial=progress.batch, total=n_batches,
+                   disable=not accelerator.is_local_main_process)
         step.train()
+        window = torch.zeros(4, device=accelerator.device)  # loss, micro-batches, Dice sum, valid regions
+        window_started = time.perf_counter()
         for batch in bar:
             started = time.perf_counter()
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             ids = batch["sample_ids"]
             embeddings = None if cached is None else cached[ids.cpu()].to(accelerator.device, torch.float32)
-            lr = lr_at((epoch + progress.batch / n_batches) / config.epochs, config)
+            # constant within an accumulation window: the schedule moves once per optimizer step
+            lr = lr_at((epoch + progress.batch // config.grad_accum / steps_per_epoch) / config.epochs, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             generator = torch.Generator(accelerator.device).manual_seed(config.seed * 1_000_003 + progress.step)
             with accelerator.accumulate(step):
-                out = _guarded(lambda: step(batch, embeddings, sampler.weights(ids).to(accelerator.device), generator))
+                out = _guarded(lambda: step(batch, embeddings, sampler.weights(ids), generator))
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(step.parameters(), config.max_grad_norm)
@@ -188,20 +324,26 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
                 optimizer.zero_grad()
             _score(sampler, batch, out, organ_names)
             progress.batch += 1
-            progress.step += 1
             progress.train_seconds += time.perf_counter() - started
-            valid = batch["region_valid"]
-            dice = float((out.region_dice.sum() / valid.sum().clamp(min=1)).item())
-            logs = {"loss": out.loss.item(), "dice": dice, "lr": lr,
-                    "regions_per_s": int(valid.sum()) / (time.perf_counter() - started)}
+            window += torch.stack([out.loss.detach().float(), torch.ones_like(window[0]),
+                                   out.region_dice.sum().float(), batch["region_valid"].sum().float()])
+            if not accelerator.sync_gradients:
+                continue
+            progress.step += 1
+            loss, micro, dice, regions = accelerator.reduce(window, "sum").tolist()
+            logs = {"loss": loss / micro, "dice": dice / max(regions, 1), "lr": lr,
+                    "regions_per_s": regions / (time.perf_counter() - window_started)}
+            window.zero_()
+            window_started = time.perf_counter()
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
-            if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
-                _checkpoint(accelerator, output, progress, config.keep_checkpoints)
+            end_of_epoch = accelerator.gradient_state.end_of_dataloader  # the epoch's checkpoint follows
+            if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and not end_of_epoch:
+                checkpoints.save(accelerator, progress)
             if config.max_steps and progress.step >= config.max_steps:
                 done = True
                 break
-        if done and progress.batch < n_batches:
+        if progress.batch < n_batches:
             break  # stopped mid-epoch by max_steps
         summary = sampler.epoch_summary()
         accelerator.log({"cbdp/kept_fraction": summary["kept_fraction"]}, step=progress.step)
@@ -210,7 +352,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         if progress.epoch % config.eval_every == 0 or progress.epoch == config.epochs:
             last_eval = (progress.step, _validate(accelerator, step, val_set, config, progress, output, evaluate,
                                                   summary))
-        _checkpoint(accelerator, output, progress, config.keep_checkpoints)
+        checkpoints.save(accelerator, progress)
 
     final = last_eval[1] if last_eval[0] == progress.step else None
     result = _finish(accelerator, step, val_set, config, progress, output, meta, evaluate, final)
@@ -260,28 +402,6 @@ def _validate(accelerator, step, val_set, config, progress, output, evaluate, su
         step.train()
     accelerator.wait_for_everyone()
     return metrics
-
-
-def _checkpoint(accelerator, output: Path, progress: Progress, keep: int) -> None:
-    folder = output / "checkpoints" / f"step-{progress.step:07d}"
-    accelerator.save_state(str(folder))  # atomic enough: _resume only trusts folders with a done marker
-    if accelerator.is_main_process:
-        (folder / "done").write_text(json.dumps(progress.state_dict()))
-        for old in _checkpoints(output)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _checkpoints(output: Path) -> list[Path]:
-    return sorted(p for p in (output / "checkpoints").glob("step-*") if (p / "done").exists())
-
-
-def _resume(accelerator, output: Path) -> None:
-    found = _checkpoints(output)
-    if not found:
-        raise FileNotFoundError(f"{output}: resume requested but no finished checkpoint under {output / 'checkpoints'}")
-    accelerator.load_state(str(found[-1]))
-    accelerator.print(f"resumed from {found[-1]}")
 
 
 def _finish(accelerator, step, val_set, config, progress, output, meta, evaluate, metrics) -> dict:
