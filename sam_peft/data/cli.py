@@ -25,13 +25,16 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"CT window: {', '.join(WINDOWS)} or LEVEL,WIDTH in HU")
     parser.add_argument("--modality", default="auto", choices=MODALITIES,
                         help="ct: window; mr: 0.5-99.5 percentile normalisation; auto: decide per volume")
-    parser.add_argument("--planes", nargs="+", default=["axial"], choices=PLANES)
+    parser.add_argument("--planes", nargs="+", default=["axial"], choices=PLANES,
+                        help="slice planes to extract (default: axial)")
     parser.add_argument("--min-pixels", type=int, default=10, help="pixels for an organ to count on a slice")
     parser.add_argument("--empty-fraction", type=float, default=0.0, help="share of organ-free slices to keep")
     parser.add_argument("--spacing", type=float, help="resample slices in-plane to this pixel size (mm)")
-    parser.add_argument("--val-fraction", type=float, default=0.0)
-    parser.add_argument("--test-fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="share of cases in the validation split (split by case, never by slice; default: 0)")
+    parser.add_argument("--test-fraction", type=float, default=0.0,
+                        help="share of cases in the test split (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the case split (default: 0)")
     parser.add_argument("--num-proc", type=int, default=1, help="worker processes (one case each)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     parser.add_argument("--skip-bad", action="store_true",
@@ -64,11 +67,15 @@ def add_phantom_parser(subparsers) -> argparse.ArgumentParser:
         help="write synthetic abdominal CT phantoms (NIfTI, FLARE22 labels)",
         description="Write seeded synthetic abdominal CT cases in the nnU-Net/FLARE22 layout (or Synapse's).",
     )
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--cases", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layout", default="nnunet", choices=PHANTOM_LAYOUTS)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--output", required=True, help="folder to write the cases to; then `sam-peft prepare "
+                        "--images OUTPUT --label-map flare22` (btcv for --layout synapse)")
+    parser.add_argument("--cases", type=int, default=4, help="number of CT volumes (default: 4)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same cases "
+                        "(default: 0)")
+    parser.add_argument("--layout", default="nnunet", choices=PHANTOM_LAYOUTS,
+                        help="folder layout: nnunet (FLARE22/MSD: imagesTr/, labelsTr/, FLARE22 label ids) or "
+                        "synapse (img/, label/, BTCV label ids) (default: nnunet)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return parser
 
 

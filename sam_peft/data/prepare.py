@@ -43,6 +43,7 @@ from datasets.arrow_writer import ArrowWriter
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from ..io import UNREADABLE
 from .label_maps import LabelMap, load_label_map, organ_key
 from .layouts import Case, discover_cases, read_dataset_labels
 from .readers import Volume, read_volume, to_display
@@ -223,7 +224,11 @@ def load_prepared(path: str | Path) -> DatasetDict:
         raise FileNotFoundError(f"prepared dataset {path} does not exist")
     if not (path / "dataset_dict.json").is_file():
         raise ValueError(f"{path} is not a prepared dataset (no dataset_dict.json); make one with `sam-peft prepare`")
-    dataset = load_from_disk(str(path))
+    try:
+        dataset = load_from_disk(str(path))
+    except (*UNREADABLE, OSError) as error:  # pyarrow reports a truncated table as a bare OSError
+        raise ValueError(f"{path}: cannot be read as a prepared dataset ({type(error).__name__}: {error}); a file "
+                         "may be missing, truncated or corrupt: run `sam-peft prepare` again") from error
     try:
         read_metadata(dataset)
     except ValueError as error:

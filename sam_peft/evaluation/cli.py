@@ -6,23 +6,39 @@ import argparse
 import torch
 
 from ..data.prepare import WINDOWS, load_prepared, parse_window
-from ..models import load_adapter, load_base_model
+from ..io import reading
+from ..models import DEFAULT_ADAPTER, DEFAULT_MODEL, default_adapter_for, load_adapter, load_base_model
 from .evaluate import EVAL_BEHAVIOURS, evaluate
 from .volume import predict_volume
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="litemedsam",
+def add_model_arguments(parser: argparse.ArgumentParser, bundled_default: bool = False) -> None:
+    """--model, --adapter and --device; `bundled_default`: without --adapter the base's bundled adapter is
+    used (the click-capable default for interactive use), and --no-adapter gives the plain base."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="base model: litemedsam, a Hub id, a local HF directory or a .pth checkpoint")
-    parser.add_argument("--adapter", help="LoRA adapter directory or Hub id (must have been trained on --model)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    adapter = parser.add_mutually_exclusive_group()
+    default = f" (default with {DEFAULT_MODEL}: the bundled {DEFAULT_ADAPTER})" if bundled_default else ""
+    adapter.add_argument("--adapter", help="LoRA adapter: a bundled name, a directory or a Hub id (trained on "
+                         f"--model){default}")
+    if bundled_default:
+        adapter.add_argument("--no-adapter", action="store_true", help="the plain base model, no adapter")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to run on: cpu, cuda, cuda:1, mps (default: cuda when available)")
 
 
-def _load_model(args: argparse.Namespace):
-    model = load_base_model(args.model)
-    if args.adapter:
-        model = load_adapter(args.adapter, base=model)
-    return model.to(args.device)
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str | None]:
+    """The base with --adapter (or the base's bundled adapter, where the parser offers it), on --device;
+    returns the model and the adapter used."""
+    with reading(f"--model {args.model}"):
+        model = load_base_model(args.model)
+    adapter = args.adapter
+    if adapter is None and not getattr(args, "no_adapter", True):
+        adapter = default_adapter_for(args.model)
+    if adapter:
+        with reading(f"--adapter {adapter}"):
+            model = load_adapter(adapter, base=model)
+    return model.to(args.device), adapter
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,24 +47,31 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         description="Prompt every organ instance as simulated users would (boxes, clicks, corrective click "
         "series) and write metrics.json, metrics.md and plots to --output.",
     )
-    _add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="prepared dataset folder (from `sam-peft prepare`)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
     parser.add_argument("--output", required=True, help="folder for metrics.json, metrics.md and the plots")
-    parser.add_argument("--behaviours", nargs="+", default=list(EVAL_BEHAVIOURS), choices=EVAL_BEHAVIOURS)
-    parser.add_argument("--organs", nargs="+", help="evaluate only these organs (default: all)")
+    parser.add_argument("--behaviours", nargs="+", default=list(EVAL_BEHAVIOURS), choices=EVAL_BEHAVIOURS,
+                        metavar="BEHAVIOUR", help=f"simulated users to score, from {', '.join(EVAL_BEHAVIOURS)} "
+                        "(clicks_3 / clicks_5: series of error-guided clicks) (default: all)")
+    parser.add_argument("--organs", nargs="+", metavar="ORGAN",
+                        help="evaluate only these organs, named as in the dataset's label map, e.g. liver spleen "
+                        "(default: all)")
     parser.add_argument("--no-noc", dest="noc", action="store_false", help="skip NoC@85/90 (the slow part)")
-    parser.add_argument("--max-clicks", type=int, default=20)
+    parser.add_argument("--max-clicks", type=int, default=20,
+                        help="corrective clicks at most per instance for NoC; an instance not reaching the Dice "
+                        "target counts as this many (default: 20)")
     parser.add_argument("--min-pixels", type=int, default=100, help="smallest organ instance evaluated, in pixels")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the randomised prompts (jittered boxes, random clicks) (default: 0)")
     return parser
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     data = load_prepared(args.data)  # before the model: a wrong path fails fast
     metrics = evaluate(
-        _load_model(args), data, split=args.split, behaviours=args.behaviours, noc=args.noc,
+        load_model(args)[0], data, split=args.split, behaviours=args.behaviours, noc=args.noc,
         max_clicks=args.max_clicks, seed=args.seed, batch_size=args.batch_size, min_pixels=args.min_pixels,
         organs=args.organs, output_dir=args.output,
     )
@@ -69,7 +92,7 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
         "frame of prepared slices (z: axial slice from inferior, x: column from patient right, y: row from "
         "anterior). A prompted slice's mask propagates to the neighbouring slices until the organ ends.",
     )
-    _add_model_arguments(parser)
+    add_model_arguments(parser, bundled_default=True)
     parser.add_argument("--input", required=True, help="NIfTI file or DICOM series folder")
     parser.add_argument("--prompts", required=True, help="prompts JSON file")
     parser.add_argument("--output", required=True, help="label volume to write (.nii.gz); the label map goes "
@@ -78,16 +101,21 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
                         "{id: name} file (default: the adapter's training label map, else totalsegmentator)")
     parser.add_argument("--window", default="abdomen", type=parse_window,
                         help=f"CT window of the training data: {', '.join(WINDOWS)} or LEVEL,WIDTH in HU")
-    parser.add_argument("--modality", default="auto", choices=("auto", "ct", "mr"))
+    parser.add_argument("--modality", default="auto", choices=("auto", "ct", "mr"),
+                        help="ct: apply --window; mr: 0.5-99.5 percentile normalisation; auto: decide from the "
+                        "intensities (default: auto)")
     parser.add_argument("--no-propagate", dest="propagate", action="store_false",
                         help="segment only the prompted slices")
     parser.add_argument("--min-score", type=float, default=0.75,
-                        help="propagation stops where the IoU head rates a mask below this")
+                        help="a propagated mask the IoU head rates below this, and more than 0.1 below its "
+                        "organ's median rating, ends the organ (so does a mask that vanishes, fades below 10%% "
+                        "of the organ's largest or overlaps the previous slice's by under 50%%)")
     return parser
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    model = _load_model(args)
+    model, adapter = load_model(args)
+    print(f"model: {args.model}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
     label_map = args.label_map
     if label_map is None:
         recorded = getattr(model, "sam_peft_info", {}).get("label_map") or {}

@@ -1,115 +1,180 @@
-"""Training configuration: one flat dataclass, loaded from YAML with `--key value` overrides.
+"""Training configuration: one flat dataclass, read from YAML, a Python call or the command line.
 
-Flat on purpose: every setting is one `--key` on the command line and one line in the saved config.yaml.
+Flat on purpose: every setting is one line in the saved config.yaml and one `--option` of `sam-peft train`,
+whose options and help are generated from these fields (`HfArgumentParser`, training/cli.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from dataclasses import dataclass, field
+import functools
+import numbers
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from transformers.hf_argparser import HfArg
 
+from ..models.lora import HEADS, PRESETS
+from ..names import did_you_mean
 from ..prompts.behaviours import BEHAVIOURS
 from ..pruning import BUDGETS, STRATEGIES
+
+LORA_PRESETS = tuple(PRESETS)
 
 
 @dataclass
 class TrainConfig:
+    """Every training setting. Checked when made (types, ranges, combinations), so a bad value fails with
+    its name before any work starts, whether it came from Python, a YAML file or the command line."""
+
+    # `sam-peft train --help` lists the fields under this heading (HfArgumentParser's convention)
+    _argument_group_name = "training settings (also read from the --config YAML; the command line wins)"
+
     # base model and adapter
-    model: str = "litemedsam"
-    lora_preset: str = "decoder"
-    lora_r: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    train_heads: list[str] = field(default_factory=lambda: ["iou", "hypernetworks"])
-    frozen_encoder: bool = True  # cache image embeddings once; only valid with the "decoder" preset
-    # data: a prepared dataset directory, a Hub dataset id, or None for the built-in phantom
-    data: str | None = None
-    phantom_cases: int = 8
-    train_split: str = "train"
-    val_split: str = "validation"
+    model: str = HfArg(default="litemedsam",
+                       help="base model: litemedsam, a Hub id (facebook/sam-vit-base), an HF directory or a .pth file")
+    lora_preset: Literal[LORA_PRESETS] = HfArg(default="decoder", help="which layers get LoRA adapters")
+    lora_r: int = HfArg(default=8, help="LoRA rank")
+    lora_alpha: float | None = HfArg(default=None, help="LoRA scaling alpha (none: 2 x lora_r)")
+    lora_dropout: float = HfArg(default=0.0, help="dropout on the LoRA path, in [0, 1)")
+    train_heads: list[str] = HfArg(default_factory=lambda: ["iou", "hypernetworks"],
+                                   help=f"decoder heads trained in full besides LoRA: any of {', '.join(HEADS)}")
+    frozen_encoder: bool = HfArg(default=True, help="cache image embeddings once and train the decoder on them "
+                                 "(needs lora_preset decoder)")
+    # data
+    data: str | None = HfArg(default=None, help="prepared dataset folder (sam-peft prepare), Hub dataset id, "
+                             "or none for the built-in CT phantom")
+    phantom_cases: int = HfArg(default=8, help="phantom CT cases generated when data is none")
+    train_split: str = HfArg(default="train", help="dataset split to train on")
+    val_split: str = HfArg(default="validation", help="dataset split to validate on")
     # PHPG
-    behaviours: dict[str, float] | None = None  # None: every simulated behaviour, equal weights
-    rounds: int = 3
-    max_regions: int | None = None
-    min_pixels: int = 10
+    behaviours: dict[str, float] | None = HfArg(
+        default=None, help="simulated-user prompt mixture as a YAML mapping {name: weight}, e.g. '{tight_box: 1, "
+        f"center_click: 1}}' (none: all equally); names: {', '.join(BEHAVIOURS)}")
+    rounds: int = HfArg(default=3, help="PHPG rounds per step: the first prompt, then error-guided clicks")
+    max_regions: int | None = HfArg(default=None, help="organs decoded per slice, sampled (none: all)")
+    min_pixels: int = HfArg(default=10, help="pixels an organ needs on a slice to be prompted")
+    # distillation from the frozen base (training/distill.py)
+    distill_weight: float = HfArg(default=0.0, help="weight of the loss that keeps the base's masks for random "
+                                  "boxes (the base, adapters off, is the teacher; 0: off)")
+    distill_boxes: int = HfArg(default=4, help="random boxes per slice for distill_weight")
     # CBDP
-    pruning: str = "cbdp"
-    prune_ratio: float = 0.5
-    prune_budget: str = "pool"  # prune_ratio of the well-learned samples, or of the "dataset" (the paper's budget)
-    anneal: float = 0.875
+    pruning: Literal[STRATEGIES] = HfArg(default="cbdp", help="data pruning: cbdp (class-balanced), infobatch, "
+                                         "random or none")
+    prune_ratio: float = HfArg(default=0.5, help="share pruned per epoch, in [0, 1)")
+    prune_budget: Literal[BUDGETS] = HfArg(default="pool", help="prune_ratio of the well-learned slices (pool) or "
+                                           "of all slices (dataset, the paper's budget)")
+    anneal: float = HfArg(default=0.875, help="fraction of the epochs that prune; the rest see all data")
     # optimisation
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    seed: int = 0
-    num_workers: int = 0
+    epochs: int = HfArg(default=10, help="passes over the training data")
+    max_steps: int | None = HfArg(default=None, help="stop after this many optimizer steps (none: run all epochs)")
+    batch_size: int = HfArg(default=8, help="slices per micro-batch on each process")
+    grad_accum: int = HfArg(default=1, help="micro-batches per optimizer step")
+    lr: float = HfArg(default=5e-4, help="peak learning rate (AdamW)")
+    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay")
+    warmup_ratio: float = HfArg(default=0.05, help="fraction of training with a linear warmup, in [0, 1)")
+    schedule: Literal["cosine", "poly", "constant"] = HfArg(default="cosine", help="learning-rate decay after warmup")
+    max_grad_norm: float = HfArg(default=1.0, help="gradient clipping norm (0: no clipping)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = HfArg(default="no", help="autocast precision (bf16 on GPUs)")
+    seed: int = HfArg(default=0, help="seed for data order, prompts and initialisation")
+    num_workers: int = HfArg(default=0, help="DataLoader worker processes")
     # validation, checkpoints, logging
-    eval_behaviours: list[str] = field(default_factory=lambda: ["tight_box", "jitter_box", "center_click"])
-    eval_every: int = 1  # epochs
-    checkpoint_every: int = 0  # steps; 0 = once per epoch
-    keep_checkpoints: int = 2
-    log_with: str | None = "tensorboard"
-    output_dir: str = "runs/sam_peft"
-    cache_dir: str | None = None  # embedding cache; default <output_dir>/../.embedding_cache
+    eval_behaviours: list[str] = HfArg(default_factory=lambda: ["tight_box", "jitter_box", "center_click"],
+                                       help="behaviours scored at validation (see sam-peft evaluate --behaviours)")
+    eval_every: int = HfArg(default=1, help="validate every this many epochs (and after the last)")
+    checkpoint_every: int = HfArg(default=0, help="checkpoint every this many optimizer steps (0: once per epoch)")
+    keep_checkpoints: int = HfArg(default=2, help="newest checkpoints kept on disk")
+    log_with: str | None = HfArg(default="tensorboard", help="accelerate tracker (tensorboard, wandb, ...; none: off)")
+    output_dir: str = HfArg(default="runs/sam_peft", help="run folder: config, checkpoints, adapters, metrics")
+    cache_dir: str | None = HfArg(default=None, help="embedding cache folder (none: .embedding_cache beside "
+                                  "output_dir; delete it to free the space)")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in values if k not in known]
-        if unknown:
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
-                     for k in unknown]
-            raise ValueError(f"unknown config keys: {', '.join(hints)}")
-        config = cls(**{key: _number(key, value, cls.__dataclass_fields__[key].type) for key, value in values.items()})
-        config.validate()
-        return config
+    def from_dict(cls, values: Mapping) -> "TrainConfig":
+        """Settings from a mapping (YAML, JSON); unknown keys get a did-you-mean hint."""
+        return cls(**cls.check_settings(values))
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: dict | None = None) -> "TrainConfig":
-        values = {}
-        if path is not None:
-            try:
-                values = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as err:
-                raise ValueError(f"config file {path}: cannot be read as YAML ({err})") from err
-            if not isinstance(values, dict):
-                raise ValueError(f"config file {path}: expected a mapping of settings, got {type(values).__name__}")
+    def from_yaml(cls, path: str | Path | None = None, overrides: Mapping | None = None) -> "TrainConfig":
+        """Settings from a YAML file, with `overrides` winning."""
+        values = read_yaml(path) if path is not None else {}
         return cls.from_dict({**values, **(overrides or {})})
+
+    @classmethod
+    def check_settings(cls, values: Mapping, source: str | None = None) -> dict:
+        """`values` with each setting's type checked (numbers written as strings converted), before merging
+        them with settings from elsewhere; errors name the setting and `source` (e.g. the config file)."""
+        prefix = f"{source}: " if source else ""
+        hints = _type_hints(cls)
+        unknown = [key for key in values if key not in hints]
+        if unknown:
+            named = ", ".join(f"{key!r}{did_you_mean(str(key), hints)}" for key in unknown)
+            raise ValueError(f"{prefix}unknown settings: {named}")
+        try:
+            return {key: _typed(key, value, hints[key]) for key, value in values.items()}
+        except ValueError as err:
+            raise ValueError(f"{prefix}{err}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Reject inconsistent settings before any work starts."""
-        from ..models.lora import PRESETS
+        """Reject wrong types and inconsistent settings before any work starts, naming the setting.
 
+        Also converts numbers written as strings (YAML 1.1 reads `1e-4` as one), so a config edited after
+        construction is checked again when `train` starts."""
+        from ..evaluation.evaluate import EVAL_BEHAVIOURS
+
+        for key, value in self.check_settings(self.to_dict()).items():
+            setattr(self, key, value)
         checks = [
-            (self.lora_preset in PRESETS, f"lora_preset must be one of {sorted(PRESETS)}, got {self.lora_preset!r}"),
+            (self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}"),
+            (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (all(h in HEADS for h in self.train_heads),
+             f"train_heads must be names from {sorted(HEADS)}, got {self.train_heads}"),
             (not self.frozen_encoder or self.lora_preset == "decoder",
              f"frozen_encoder caches image embeddings, so it needs lora_preset 'decoder' (got {self.lora_preset!r}); "
              "set frozen_encoder: false to train encoder adapters"),
-            (self.pruning in STRATEGIES, f"pruning must be one of {STRATEGIES}, got {self.pruning!r}"),
-            (0 <= self.prune_ratio < 1, f"prune_ratio must be in [0, 1), got {self.prune_ratio}"),
-            (self.prune_budget in BUDGETS, f"prune_budget must be one of {BUDGETS}, got {self.prune_budget!r}"),
-            (0 <= self.anneal <= 1, f"anneal must be in [0, 1], got {self.anneal}"),
-            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.schedule in ("cosine", "poly", "constant"), f"schedule must be cosine, poly or constant, got {self.schedule!r}"),
-            (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"),
-            (self.behaviours is None or all(b in BEHAVIOURS for b in self.behaviours),
+            (self.phantom_cases >= 2, f"phantom_cases must be >= 2 (one validates), got {self.phantom_cases}"),
+            (self.behaviours is None or (self.behaviours and all(b in BEHAVIOURS for b in self.behaviours)),
              f"behaviours must be a mapping of names from {BEHAVIOURS}, got {self.behaviours}"),
+            (self.behaviours is None or (self.behaviours and min(self.behaviours.values()) >= 0
+                                         and sum(self.behaviours.values()) > 0),
+             f"behaviours weights must be >= 0 with a positive sum, got {self.behaviours}"),
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.distill_weight >= 0, f"distill_weight must be >= 0 (0: off), got {self.distill_weight}"),
+            (self.distill_boxes >= 1, f"distill_boxes must be >= 1, got {self.distill_boxes}"),
+            (self.max_regions is None or self.max_regions >= 1, f"max_regions must be >= 1, got {self.max_regions}"),
+            (self.min_pixels >= 1, f"min_pixels must be >= 1, got {self.min_pixels}"),
+            (0 <= self.prune_ratio < 1, f"prune_ratio must be in [0, 1), got {self.prune_ratio}"),
+            (0 <= self.anneal <= 1, f"anneal must be in [0, 1], got {self.anneal}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1,
+             f"max_steps must be >= 1 (or none to run all epochs), got {self.max_steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.eval_behaviours and all(b in EVAL_BEHAVIOURS for b in self.eval_behaviours),
+             f"eval_behaviours must be one or more of {EVAL_BEHAVIOURS}, got {self.eval_behaviours}"),
+            (self.eval_every >= 1, f"eval_every must be >= 1 (epochs), got {self.eval_every}"),
+            (self.checkpoint_every >= 0,
+             f"checkpoint_every must be >= 0 (0: once per epoch), got {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (bool(self.output_dir), "output_dir must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
@@ -123,14 +188,59 @@ class TrainConfig:
             )
 
 
-def _number(key: str, value, annotation: str):
-    """YAML 1.1 reads `1e-4` as a string: coerce strings for numeric settings, with a clear error."""
-    numeric = any(t in annotation for t in ("float", "int")) and "dict" not in annotation
-    if numeric and isinstance(value, bool):  # a bare `--lr` on the command line
-        raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
-    if not isinstance(value, str) or not numeric:
-        return value
+def read_yaml(path: str | Path) -> dict:
+    """The settings mapping of a YAML config file, keys and types checked; errors name the file."""
     try:
-        return float(value) if "float" in annotation else int(value)
-    except ValueError:
-        raise ValueError(f"config key {key!r}: expected a number, got {value!r}") from None
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {path}: cannot be read ({err})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ValueError(f"config file {path}: not valid YAML ({where}{getattr(err, 'problem', None) or err})") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path}: expected a mapping of settings, got {type(values).__name__}")
+    return TrainConfig.check_settings(values, source=f"config file {path}")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, typing.Any]:
+    """Field name -> resolved annotation (read from the class, which HfArgumentParser leaves intact)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(name: str, value, hint):
+    """`value` as annotation `hint` asks, or a ValueError naming `name`. Numbers written as strings are
+    converted (YAML 1.1 reads `1e-4` as a string), and paths become strings."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        return None if value is None else _typed(name, value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [_typed(name, item, args[0]) for item in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{name} must be a mapping such as {{tight_box: 1, center_click: 1}}, got {value!r}")
+        return {_typed(name, k, args[0]): _typed(name, v, args[1]) for k, v in value.items()}
+    if hint is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hint in (int, float) and isinstance(value, str):
+        try:
+            return hint(value)
+        except ValueError:
+            pass
+    number = numbers.Integral if hint is int else numbers.Real
+    if hint in (int, float) and isinstance(value, number) and not isinstance(value, bool):
+        return hint(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ValueError(f"{name} must be {_KINDS[hint]}, got {value!r}")
+    return value
