@@ -7,8 +7,10 @@ Data path: `data.prepare` (volumes -> slice datasets) -> `PHPGCollator` (simulat
 from .data import load_prepared, phantom_dataset, prepare
 from .evaluation import MultiOrganPredictor, evaluate, predict_volume
 from .models import (
+    DEFAULT_ADAPTER,
     PRESETS,
     apply_lora,
+    default_adapter_for,
     load_adapter,
     load_base_model,
     processor_for,
@@ -20,8 +22,8 @@ from .training import PHPGStep, TrainConfig, phpg_forward, push_to_hub, train
 
 __version__ = "0.1.0"
 __all__ = [
-    "BEHAVIOURS", "CBDPSampler", "MultiOrganPredictor", "PHPGCollator", "PHPGStep", "PRESETS", "TrainConfig",
-    "apply_lora", "evaluate", "load_adapter", "load_base_model", "load_prepared", "next_clicks",
+    "BEHAVIOURS", "CBDPSampler", "DEFAULT_ADAPTER", "MultiOrganPredictor", "PHPGCollator", "PHPGStep", "PRESETS", "TrainConfig",
+    "apply_lora", "default_adapter_for", "evaluate", "load_adapter", "load_base_model", "load_prepared", "next_clicks",
     "phantom_dataset", "phpg_forward", "predict_volume", "prepare", "processor_for", "push_to_hub", "save_adapter",
     "train",
 ]
