@@ -60,9 +60,10 @@ def measure(command: list[str], timeline: bool) -> tuple[float, int, int]:
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     sampler = PeakRSS(child.pid)
     sampler.start()
-    for line in child.stdout:
-        if timeline:
-            print(f"[{time.perf_counter() - started:7.1f} s {sampler.current / MB:7.0f} MB] {line.rstrip()}", flush=True)
+    for line in child.stdout:  # the job's own output (its results), with the RSS at each line on --timeline
+        stamp = f"[{time.perf_counter() - started:7.1f} s {sampler.current / MB:7.0f} MB] " if timeline else ""
+        if timeline or "\r" not in line:  # progress bars only on --timeline
+            print(f"{stamp}{line.rstrip()}", flush=True)
     code = child.wait()
     sampler.stop()
     if code:
