@@ -77,6 +77,8 @@ def test_push_writes_the_card_for_the_repository(published):
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "peft" and front["base_model"] == "me/tiny-sam"
     assert 'model = sam_peft.load_adapter("me/ct-adapter")' in card and "Preprocessing:** longest_side resize to 128" in card
+    with pytest.raises(FileNotFoundError, match="not a finished sam_peft run"):
+        push_to_hub(published["root"], "me/x", api=published["hub"])
     info = json.loads((pushed / "sam_peft.json").read_text())
     assert (info["base"], info["base_kind"]) == ("me/tiny-sam", "hub") and info["recipe"]["rounds"] == 1
     root = str(published["root"])

@@ -19,7 +19,7 @@ from datasets import DatasetDict
 
 from sam_peft.data import load_prepared, phantom_cases, prepare_volumes
 from sam_peft.models import load_adapter, load_base_model, processor_for
-from sam_peft.training import TrainConfig, push_to_hub, train
+from sam_peft.training import TrainConfig, train
 from sam_peft.training.embedding_cache import encode_dataset
 from sam_peft.training.cli import parse_train_args
 from test_models import tiny_sam_config
@@ -281,28 +281,3 @@ def test_two_processes_match_one_and_resume_after_a_kill(setup, even, reference,
     _assert_same_adapter(two, _adapter_weights(tmp_path / "killed"), rtol=0)
 
 
-class _LocalHub:
-    """Stands in for the network calls of `HfApi` only: the upload lands in a local folder."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def create_repo(self, repo_id, private=False, exist_ok=True):
-        (self.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
-        return f"local://{repo_id}"
-
-    def upload_folder(self, folder_path, repo_id, commit_message):
-        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
-
-
-def test_push_to_hub_uploads_a_loadable_adapter(setup, tmp_path):
-    out = tmp_path / "run"
-    train(TrainConfig.from_dict(_config(setup, out, epochs=1, pruning="none")))
-    hub = _LocalHub(tmp_path / "hub")
-    assert push_to_hub(out, "me/sam-adapter", api=hub) == "local://me/sam-adapter"
-    pushed = tmp_path / "hub" / "me" / "sam-adapter"
-    front = (pushed / "README.md").read_text().split("---")[1]
-    assert yaml.safe_load(front)["library_name"] == "peft"
-    assert load_adapter(pushed, base=load_base_model(setup / "tiny_sam")) is not None
-    with pytest.raises(FileNotFoundError, match="not a finished sam_peft run"):
-        push_to_hub(tmp_path, "me/x", api=hub)
