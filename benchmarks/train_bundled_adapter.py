@@ -4,15 +4,19 @@ Data: every labelled structure of the shared TotalSegmentator volumes in ../shar
 CT `example_ct` (fast-model labels), `example_ct_sm` (the full model's labels; its 30 slices are
 example_ct's top 30, so identical images are kept once, with these labels) and the MR `example_mr_sm`;
 one label map by name (the CT's v2 ids, then the MR-only names). Held out for the forgetting evaluation:
-a contiguous block of axial slices of each volume (`--holdout`) and whole structures (`--unseen`, which
+a contiguous block of axial slices of each volume (`HOLDOUT`) and whole structures (`--unseen`, which
 are background on every training slice); no training slice repeats a held-out image.
 
 Every option in `--options` is a `TrainConfig` trained by the project's trainer (`sam_peft.train`) on
 the same data, then evaluated by benchmarks/forgetting.py against zero-shot LiteMedSAM in the same run
 (boxes and clicks for seen and unseen structures; the click series under variants of its decoding).
 `--ship OPTION` copies that option's adapter, with a model card, to sam_peft/adapters/litemedsam-phpg.
+The adapter to ship is trained on everything (`--all-data`: no held-out slices or structures, so no
+forgetting evaluation), its card quoting the held-out study of the same recipe (`--study`):
 
-    python benchmarks/train_bundled_adapter.py --output runs/bundled --ship distill
+    python benchmarks/train_bundled_adapter.py --output runs/bundled                 # the held-out study
+    python benchmarks/train_bundled_adapter.py --output runs/bundled_all --all-data --options distill \
+        --ship distill --study runs/bundled
 
 On the 2-core CPU (frozen encoder, cached embeddings) a decoder pass costs about 0.1-0.3 s per region,
 so one option takes hours; a GPU runs the whole study in minutes. `--check` tests the pipeline.
@@ -123,13 +127,17 @@ def _select(dataset, keys: list[tuple[str, int]]):
     return dataset.filter(lambda c, s: (c, s) in wanted, input_columns=["case_id", "slice_index"])
 
 
-def prepare_data(output: Path, unseen: tuple[str, ...], check: bool = False) -> tuple[Path, Path, list[str]]:
+def prepare_data(output: Path, unseen: tuple[str, ...], check: bool = False,
+                 all_data: bool = False) -> tuple[Path, Path, list[str]]:
     """-> (training data: train + validation with the seen structures, evaluation data: the held-out slices
-    with every structure, the seen structures)."""
+    with every structure, the seen structures). `all_data`: the held-out slices are trained on too (and still
+    validated on, as a check that training ran) and no structure is unseen."""
     ids, _ = union_label_map()
     cases = volume_cases()
     everything = prepare_volumes(cases, output=output / "all", overwrite=True, label_map=ids, min_pixels=10)["train"]
     train_keys, held_keys = split_rows(everything)
+    if all_data:
+        train_keys, unseen = train_keys + held_keys, ()
     if check:
         train_keys, held_keys = train_keys[::len(train_keys) // 4][:4], held_keys[:2]
     unseen = {organ_key(name) for name in unseen}
@@ -142,8 +150,9 @@ def prepare_data(output: Path, unseen: tuple[str, ...], check: bool = False) -> 
         str(output / "train"))
     DatasetDict(validation=_select(everything, held_keys)).save_to_disk(str(output / "eval"))
     (output / "seen.json").write_text(json.dumps(seen))
-    print(f"{len(train_keys)} training slices, {len(held_keys)} held-out slices ({HOLDOUT}); {len(seen)} seen "
-          f"structures; unseen: {sorted(unseen)}")
+    held = "trained on too" if all_data else "held out"
+    print(f"{len(train_keys)} training slices, {len(held_keys)} validation slices ({HOLDOUT}, {held}); "
+          f"{len(seen)} seen structures; unseen: {sorted(unseen)}")
     return output / "train", output / "eval", seen
 
 
@@ -185,6 +194,9 @@ def main() -> None:
     parser.add_argument("--curves", default="baseline,distill-rounds4",
                         help="models whose click series is decoded in every variant (zero-shot or options)")
     parser.add_argument("--ship", help="option whose adapter goes to sam_peft/adapters/litemedsam-phpg")
+    parser.add_argument("--all-data", action="store_true",
+                        help="train on every slice and structure (nothing held out, no evaluation): the adapter to ship")
+    parser.add_argument("--study", help="with --all-data: a held-out study's --output, whose report the card quotes")
     parser.add_argument("--reuse", action="store_true",
                         help="keep adapters and evaluations already in --output (e.g. trained on a GPU)")
     args = parser.parse_args()
@@ -192,12 +204,34 @@ def main() -> None:
     unknown = [o for o in options + ([args.ship] if args.ship else []) if o not in OPTIONS]
     if unknown:
         parser.error(f"unknown option(s) {unknown}; choose from {list(OPTIONS)}")
+    study = Path(args.study) / "report.md" if args.study else None
+    if study is not None and not study.is_file():
+        parser.error(f"--study {args.study}: no report.md there; run the held-out study into that folder first")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    train_data, eval_data, seen = prepare_data(output / "data", tuple(args.unseen.split(",")), args.check)
+    train_data, eval_data, seen = prepare_data(output / "data", tuple(args.unseen.split(",")), args.check,
+                                               args.all_data)
     max_steps, clicks = (2, 2) if args.check else (None, args.clicks)
     timings = output / "timings.json"  # training seconds and device per option
     done = json.loads(timings.read_text()) if args.reuse and timings.exists() else {"seconds": {}, "device": {}}
+    seconds = done["seconds"]
+    if args.all_data:  # nothing is held out, so nothing to evaluate on: the card quotes the study
+        for name in options:
+            if not (args.reuse and (output / name / "adapter").is_dir()):
+                seconds[name] = run_option(name, train_data, output, args.epochs, args.seed, max_steps)
+                done["device"][name] = device
+                timings.write_text(json.dumps(done))
+        report = study.read_text() if study else "Not measured for this recipe (no `--study` given).\n"
+    else:
+        report = held_out_study(args, options, output, train_data, eval_data, seen, done, timings, device,
+                                max_steps, clicks, started)
+    if args.ship:
+        ship(output / args.ship, model_card(args, seen, report, seconds[args.ship], done["device"][args.ship]))
+
+
+def held_out_study(args, options, output: Path, train_data: Path, eval_data: Path, seen: list[str], done: dict,
+                   timings: Path, device: str, max_steps: int | None, clicks: int, started: float) -> str:
+    """Train each option and evaluate it against zero-shot on the held-out slices; -> the report."""
     seconds = done["seconds"]
     previous = output / "results.json"
     curves = json.loads(previous.read_text()).get("curves") or {} if args.reuse and previous.exists() else {}
@@ -224,8 +258,7 @@ def main() -> None:
               f"evaluations it reused kept); preprocessing {processor}.\n")
     write_report(output, report, seen, seconds, results, curves)
     print(report)
-    if args.ship:
-        ship(output / args.ship, model_card(args, seen, report, seconds[args.ship], done["device"][args.ship]))
+    return report
 
 
 def write_report(output: Path, report: str, seen, seconds, results, curves=None) -> None:
@@ -236,8 +269,17 @@ def write_report(output: Path, report: str, seen, seconds, results, curves=None)
 
 def model_card(args, seen: list[str], report: str, seconds: float, device: str) -> str:
     recipe = {**RECIPE, **OPTIONS[args.ship], "epochs": args.epochs, "seed": args.seed}
-    distilled = (" It is held to the base's own masks for random boxes (distillation from the frozen base), so "
-                 "structures it never saw keep their box accuracy." if recipe.get("distill_weight") else "")
+    slices = f"CT slices {HOLDOUT['ct'][0]}-{HOLDOUT['ct'][1] - 1} and MR slices {HOLDOUT['mr'][0]}-{HOLDOUT['mr'][1] - 1}"
+    if args.all_data:
+        held_out = (f"Nothing held out: every slice and every labelled structure. The figures below are the same recipe's "
+                    f"with {slices} and every slice of {args.unseen.replace(',', ', ')} held out.")
+        command = f"--all-data --options {args.ship} --ship {args.ship}" + (f" --study {args.study}" if args.study else "")
+    else:
+        held_out = f"Held out: {slices}, and every slice of {args.unseen.replace(',', ', ')}."
+        command = f"--options {args.ship} --ship {args.ship}"
+    distilled = (" It is also trained to reproduce the frozen base's own masks for random boxes (distillation "
+                 "from the base), against forgetting what the base does well; the held-out figures say how far "
+                 "that holds." if recipe.get("distill_weight") else "")
     return f"""# litemedsam-phpg: LiteMedSAM that takes clicks
 
 The bundled sam_peft adapter for the offline LiteMedSAM base. Zero-shot LiteMedSAM answers boxes but not
@@ -252,13 +294,11 @@ answers boxes, single clicks and click corrections.{distilled}
 The TotalSegmentator example volumes (labels made by TotalSegmentator, not by hand): the CT `example_ct`
 (3 mm, fast-model labels), `example_ct_sm` (the same CT's top 30 slices, full-model labels) and the MR
 `example_mr_sm`; axial slices, CT in the abdomen window (level 40, width 400), MR by 0.5-99.5 percentiles.
-Held out: CT slices {HOLDOUT['ct'][0]}-{HOLDOUT['ct'][1] - 1} and MR slices {HOLDOUT['mr'][0]}-{HOLDOUT['mr'][1] - 1},
-and every slice of {', '.join(args.unseen.split(','))}. Trained on {len(seen)} structures (the label
-map in `sam_peft.json`): {', '.join(seen)}.
+{held_out} Trained on {len(seen)} structures (the label map in `sam_peft.json`): {', '.join(seen)}.
 
 ## Recipe
 
-`python benchmarks/train_bundled_adapter.py --epochs {args.epochs} --options {args.ship} --ship {args.ship}`,
+`python benchmarks/train_bundled_adapter.py --epochs {args.epochs} {command}`,
 with `sam_peft.train`: {json.dumps(recipe)}; CBDP pruning (pool budget, ratio 0.5, anneal 0.875), AdamW
 with warmup and cosine decay, frozen encoder (cached embeddings). Trained on {device} in {seconds:.0f} s.
 
