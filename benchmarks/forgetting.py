@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from sam_peft import evaluate, load_adapter, load_base_model
 from sam_peft.data import load_prepared
-from sam_peft.evaluation.evaluate import DONE_DICE, EVAL_BEHAVIOURS, _batches, _prompts, _slices
+from sam_peft.evaluation.evaluate import DONE_DICE, EVAL_BEHAVIOURS, _batches, _load_split, _prompts, _slices
 from sam_peft.evaluation.metrics import dice_counts, dice_from_counts
 from sam_peft.models import processor_for
 from sam_peft.models.decoding import PAD_LABEL, decode_regions, encode_images
@@ -88,8 +89,22 @@ def targets(s: dict, zero: dict) -> dict[str, bool]:
             "spread < 0.10 (seen and unseen)": all(g["spread"] < TARGETS["spread"] for g in s.values())}
 
 
-def markdown(results: dict[str, dict], seen: set[str], seconds: Mapping[str, float] | None = None) -> str:
-    """The option table (seen / unseen rows), the targets reached, and the per-structure box changes."""
+def multi_piece_share(data: str | Path, split: str, min_pixels: int = MIN_PIXELS) -> dict[str, float]:
+    """{structure: share of its evaluated instances that lie in 2+ pieces on their slice (8-connected)}: one
+    click cannot select such an instance whole."""
+    dataset, organ_names, _ = _load_split(load_prepared(data), split)
+    pieces: dict[str, list[bool]] = {}
+    for s in _slices(dataset, None, min_pixels, False):
+        for organ in s.organs:
+            count = ndimage.label(s.label == organ, structure=np.ones((3, 3)))[1]
+            pieces.setdefault(organ_names[organ - 1], []).append(count > 1)
+    return {name: float(np.mean(flags)) for name, flags in pieces.items()}
+
+
+def markdown(results: dict[str, dict], seen: set[str], seconds: Mapping[str, float] | None = None,
+             pieces: Mapping[str, float] | None = None) -> str:
+    """The option table (seen / unseen rows), the targets reached, and the per-structure box changes
+    (with `pieces`, from `multi_piece_share`: a column of it and its correlation with the centre click)."""
     zero = results["zero-shot"]
     summaries = {name: summary(m, zero, seen) for name, m in results.items()}
     head = ["option", "group", "n", *EVAL_BEHAVIOURS, "spread", "worst tight", "worst loose"]
@@ -112,18 +127,26 @@ def markdown(results: dict[str, dict], seen: set[str], seconds: Mapping[str, flo
         lines.append(f"| {name} | " + " | ".join(cells) + (f" | {seconds.get(name, float('nan')):.0f} |" if seconds else " |"))
     organs = list(zero["instances_per_organ"])
     names = [n for n in results if n != "zero-shot"]
-    lines += ["", "Per structure: box columns of an option are its change against zero-shot; centre and clicks_5 are Dice.",
-              "", "| structure | seen | n | zero-shot tight | zero-shot loose | "
+    piece_head = " multi-piece |" if pieces else ""
+    lines += ["", "Per structure: box columns of an option are its change against zero-shot; centre and clicks_5 are Dice"
+              + ("; multi-piece: share of the instances in 2+ pieces on their slice." if pieces else "."),
+              "", f"| structure | seen | n |{piece_head} zero-shot tight | zero-shot loose | "
               + " | ".join(f"{n} tight | {n} loose | {n} centre | {n} clicks_5" for n in names) + " |",
-              "|---" * (5 + 4 * len(names)) + "|"]
+              "|---" * (5 + bool(pieces) + 4 * len(names)) + "|"]
     for o in organs:
         d = lambda m, b: m["dice"][b]["per_organ"][o]  # noqa: E731
-        lines.append(f"| {o} | {'yes' if o in seen else 'no'} | {zero['instances_per_organ'][o]} | "
+        piece_cell = f" {pieces[o]:.2f} |" if pieces else ""
+        lines.append(f"| {o} | {'yes' if o in seen else 'no'} | {zero['instances_per_organ'][o]} |{piece_cell} "
                      f"{d(zero, 'tight_box'):.3f} | {d(zero, 'loose_box'):.3f} | "
                      + " | ".join(f"{d(results[n], 'tight_box') - d(zero, 'tight_box'):+.3f} | "
                                   f"{d(results[n], 'loose_box') - d(zero, 'loose_box'):+.3f} | "
                                   f"{d(results[n], 'center_click'):.3f} | {d(results[n], 'clicks_5'):.3f}" for n in names)
                      + " |")
+    if pieces:
+        share = [pieces[o] for o in organs]
+        centre = {n: [results[n]["dice"]["center_click"]["per_organ"][o] for o in organs] for n in names}
+        lines += ["", "Correlation across structures of the multi-piece share with the centre click's Dice: "
+                  + ", ".join(f"{n} r = {np.corrcoef(share, centre[n])[0, 1]:+.2f}" for n in names) + "."]
     return "\n".join(lines)
 
 
@@ -221,7 +244,8 @@ def main() -> None:
     output = Path(args.output)
     if not args.curves_only:
         results = evaluate_models(models, args.data, args.split, output, args.device)
-        print(markdown(results, set(json.loads(Path(args.seen).read_text()))))
+        seen = set(json.loads(Path(args.seen).read_text()))
+        print(markdown(results, seen, pieces=multi_piece_share(args.data, args.split)))
     print("| model: click-series decoding | " + " | ".join(map(str, range(1, args.clicks + 1))) + " |")
     print("|---" * (args.clicks + 1) + "|")
     for name, model in reversed(models.items()):  # adapters first: on a CPU the zero-shot curves come last

@@ -38,7 +38,7 @@ from sam_peft import TrainConfig, load_adapter, load_base_model, train
 from sam_peft.data import VolumeCase, organ_key, prepare_volumes, read_volume
 from sam_peft.models import processor_for
 
-from forgetting import CLICK_VARIANTS, click_curves, evaluate_models, markdown
+from forgetting import CLICK_VARIANTS, click_curves, evaluate_models, markdown, multi_piece_share
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "totalseg_ct"
@@ -237,6 +237,7 @@ def held_out_study(args, options, output: Path, train_data: Path, eval_data: Pat
     curves = json.loads(previous.read_text()).get("curves") or {} if args.reuse and previous.exists() else {}
     models = {"zero-shot": load_base_model("litemedsam")}
     results = evaluate_models(models, eval_data, "validation", output / "eval", device, reuse=args.reuse)
+    pieces = multi_piece_share(eval_data, "validation")
     for name in options:  # one option at a time, the report rewritten after each: a cut-short run keeps its tables
         if not (args.reuse and (output / name / "adapter").is_dir()):
             seconds[name] = run_option(name, train_data, output, args.epochs, args.seed, max_steps)
@@ -245,7 +246,7 @@ def held_out_study(args, options, output: Path, train_data: Path, eval_data: Pat
         models[name] = load_adapter(output / name / "adapter")
         results.update(evaluate_models({name: models[name]}, eval_data, "validation", output / "eval", device,
                                        reuse=args.reuse))
-        write_report(output, markdown(results, set(seen), seconds), seen, seconds, results)
+        write_report(output, markdown(results, set(seen), seconds, pieces), seen, seconds, results)
     for name in (n for n in args.curves.split(",") if n in models):
         variants = click_curves(models[name], eval_data, "validation", CLICK_VARIANTS, clicks, device=device)
         curves |= {f"{name}: {variant}": curve for variant, curve in variants.items()}
@@ -254,7 +255,7 @@ def held_out_study(args, options, output: Path, train_data: Path, eval_data: Pat
                             + [f"| {k} | " + " | ".join(f"{v:.3f}" for v in c) + " |" for k, c in curves.items()])
     processor = processor_for(models["zero-shot"]).to_dict()
     curve_text = f"Mean Dice after each click, all held-out instances:\n\n{curve_table}\n\n" if curves else ""
-    report = (f"{markdown(results, set(seen), seconds)}\n\n{curve_text}Trained on {done['device']}; this call ran on {device} ({time.perf_counter() - started:.0f} s, "
+    report = (f"{markdown(results, set(seen), seconds, pieces)}\n\n{curve_text}Trained on {done['device']}; this call ran on {device} ({time.perf_counter() - started:.0f} s, "
               f"evaluations it reused kept); preprocessing {processor}.\n")
     write_report(output, report, seen, seconds, results, curves)
     print(report)
