@@ -214,19 +214,24 @@ def main() -> None:
     max_steps, clicks = (2, 2) if args.check else (None, args.clicks)
     timings = output / "timings.json"  # training seconds and device per option
     done = json.loads(timings.read_text()) if args.reuse and timings.exists() else {"seconds": {}, "device": {}}
-    seconds = done["seconds"]
     if args.all_data:  # nothing is held out, so nothing to evaluate on: the card quotes the study
         for name in options:
-            if not (args.reuse and (output / name / "adapter").is_dir()):
-                seconds[name] = run_option(name, train_data, output, args.epochs, args.seed, max_steps)
-                done["device"][name] = device
-                timings.write_text(json.dumps(done))
+            train_unless_reused(name, args, output, train_data, done, timings, device, max_steps)
         report = study.read_text() if study else "Not measured for this recipe (no `--study` given).\n"
     else:
         report = held_out_study(args, options, output, train_data, eval_data, seen, done, timings, device,
                                 max_steps, clicks, started)
     if args.ship:
-        ship(output / args.ship, model_card(args, seen, report, seconds[args.ship], done["device"][args.ship]))
+        ship(output / args.ship, model_card(args, seen, report, done["seconds"][args.ship], done["device"][args.ship]))
+
+
+def train_unless_reused(name: str, args, output: Path, train_data: Path, done: dict, timings: Path, device: str,
+                        max_steps: int | None) -> None:
+    """Train one option (unless `--reuse` finds its adapter); its seconds and device go to `timings`."""
+    if not (args.reuse and (output / name / "adapter").is_dir()):
+        done["seconds"][name] = run_option(name, train_data, output, args.epochs, args.seed, max_steps)
+        done["device"][name] = device
+        timings.write_text(json.dumps(done))
 
 
 def held_out_study(args, options, output: Path, train_data: Path, eval_data: Path, seen: list[str], done: dict,
@@ -239,10 +244,7 @@ def held_out_study(args, options, output: Path, train_data: Path, eval_data: Pat
     results = evaluate_models(models, eval_data, "validation", output / "eval", device, reuse=args.reuse)
     pieces = multi_piece_share(eval_data, "validation")
     for name in options:  # one option at a time, the report rewritten after each: a cut-short run keeps its tables
-        if not (args.reuse and (output / name / "adapter").is_dir()):
-            seconds[name] = run_option(name, train_data, output, args.epochs, args.seed, max_steps)
-            done["device"][name] = device
-            timings.write_text(json.dumps(done))
+        train_unless_reused(name, args, output, train_data, done, timings, device, max_steps)
         models[name] = load_adapter(output / name / "adapter")
         results.update(evaluate_models({name: models[name]}, eval_data, "validation", output / "eval", device,
                                        reuse=args.reuse))
