@@ -10,7 +10,8 @@ the same seed and quotes medians. The tables are also written to `--tables` (def
 `<output>/tables.md`), headed by the command and the device.
 
 A finished run whose configuration matches is reused, not retrained: seeds can be split over processes
-sharing one `--output`, and a last call with all seeds prints the summary. Runs go seed by seed;
+sharing one `--output` (so can runs: a call without `none` trains only the pruned runs), and a last call
+with all seeds and runs prints the tables. Runs go seed by seed;
 `--time-budget` stops starting new runs once the next one (estimated as the longest so far) would end past
 it, and reports the finished ones.
 
@@ -190,11 +191,9 @@ def main() -> None:
                         help="start no run that would end (at the longest run's duration) past this many seconds")
     parser.add_argument("--tables", type=Path, help="where to write the tables (default <output>/tables.md)")
     args = parser.parse_args()
-    names = args.runs.split(",")
+    names = sorted(args.runs.split(","), key=lambda name: name != "none")  # full training first: it sets the target
     if unknown := set(names) - set(RUNS):
         parser.error(f"--runs: unknown {sorted(unknown)}; choose from {list(RUNS)}")
-    if names[0] != "none":
-        parser.error("--runs must start with none: full training sets the target")
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",")})
     except ValueError:
@@ -242,8 +241,11 @@ def main() -> None:
             table = seed_tables(runs, args.tolerance)
             only = f"(only {', '.join(runs)}) " if len(runs) < len(names) else ""
             lines += ["", f"seed {seed}: {only}{table[0]}", *table[1:]]
+        else:  # a process that trains some runs while another trains full training
+            lines += ["", f"seed {seed}: finished {', '.join(runs)}; no full training (`none`) to compare with: "
+                      "a call whose --runs include none prints the tables"]
     complete = {seed: runs for seed, runs in by_seed.items() if len(runs) == len(names)}
-    if len(complete) > 1:
+    if len(complete) > 1 and "none" in names:
         lines += summary_tables(complete, args.tolerance)
     print("\n".join(lines))
     with atomic_path(args.tables or output / "tables.md") as path:
