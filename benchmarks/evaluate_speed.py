@@ -181,8 +181,9 @@ def main() -> None:
                     peaks[kind].append((memory.peak, memory.gpu_peak or 0))
             t_eval, t_loop = statistics.median(times["evaluate"]), statistics.median(times["loop"])
             memory = {kind: _megabytes(values) for kind, values in peaks.items()}
+            last = "-" if not noc else f"{dice['evaluate']:.4f} / {dice['loop']:.4f}"  # no clicks, no last click
             print(f"| {name} ({metrics['n_instances']} instances) | {t_eval:.1f} | {t_loop:.1f} | {t_eval / t_loop:.2f} | "
-                  f"{memory['evaluate']} | {memory['loop']} | {dice['evaluate']:.4f} / {dice['loop']:.4f} |", flush=True)
+                  f"{memory['evaluate']} | {memory['loop']} | {last} |", flush=True)
 
 
 def _megabytes(peaks: list[tuple[int, int]]) -> str:
