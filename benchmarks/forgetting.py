@@ -9,8 +9,11 @@ mask fed back, and with the IoU head's or the best of SAM's three candidates at 
 
 Run by benchmarks/train_bundled_adapter.py; on its own, for adapters already trained:
 
-    python benchmarks/forgetting.py --data runs/bundled/eval --seen runs/bundled/seen.json \
+    python benchmarks/forgetting.py --data runs/bundled/data/eval --seen runs/bundled/data/seen.json \
         --adapters baseline=runs/bundled/baseline/adapter distill=runs/bundled/distill/adapter
+
+`--curves-only --variants 1,2 --no-zero-shot` decodes only the adapters' series, as evaluated and without
+mask feedback (the numbers index `CLICK_VARIANTS`), when CPU time is short.
 """
 from __future__ import annotations
 
@@ -238,8 +241,19 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=7)
     parser.add_argument("--every", type=int, default=1, help="click variants on every n-th slice (CPU time)")
     parser.add_argument("--batch-size", type=int, default=4, help="slices per decoder batch (memory)")
+    parser.add_argument("--variants", default=",".join(str(i + 1) for i in range(len(CLICK_VARIANTS))),
+                        help="click-series decodings to run, by number: "
+                             + "; ".join(f"{i + 1} = {name}" for i, name in enumerate(CLICK_VARIANTS)))
+    parser.add_argument("--no-zero-shot", action="store_true", help="with --curves-only: the adapters' series only")
     args = parser.parse_args()
-    models = {"zero-shot": load_base_model("litemedsam")}
+    names = list(CLICK_VARIANTS)
+    try:
+        variants = {names[int(i) - 1]: CLICK_VARIANTS[names[int(i) - 1]] for i in args.variants.split(",")}
+    except (ValueError, IndexError):
+        parser.error(f"--variants {args.variants!r}: expected comma-separated numbers from 1 to {len(names)}")
+    if args.no_zero_shot and not (args.curves_only and args.adapters):
+        parser.error("--no-zero-shot needs --curves-only and at least one of --adapters")
+    models = {} if args.no_zero_shot else {"zero-shot": load_base_model("litemedsam")}
     models.update({name: load_adapter(path) for name, path in (pair.split("=", 1) for pair in args.adapters)})
     output = Path(args.output)
     if not args.curves_only:
@@ -249,7 +263,7 @@ def main() -> None:
     print("| model: click-series decoding | " + " | ".join(map(str, range(1, args.clicks + 1))) + " |")
     print("|---" * (args.clicks + 1) + "|")
     for name, model in reversed(models.items()):  # adapters first: on a CPU the zero-shot curves come last
-        curves = click_curves(model, args.data, args.split, CLICK_VARIANTS, args.clicks, device=args.device,
+        curves = click_curves(model, args.data, args.split, variants, args.clicks, device=args.device,
                               every=args.every, batch_size=args.batch_size)
         for variant, curve in curves.items():
             print(f"| {name}: {variant} | " + " | ".join(f"{v:.3f}" for v in curve) + " |", flush=True)
