@@ -247,10 +247,10 @@ def main() -> None:
     parser.add_argument("--no-zero-shot", action="store_true", help="with --curves-only: the adapters' series only")
     args = parser.parse_args()
     names = list(CLICK_VARIANTS)
-    try:
-        variants = {names[int(i) - 1]: CLICK_VARIANTS[names[int(i) - 1]] for i in args.variants.split(",")}
-    except (ValueError, IndexError):
+    numbers = [int(i) if i.strip().isdigit() else 0 for i in args.variants.split(",")]
+    if not all(1 <= n <= len(names) for n in numbers):
         parser.error(f"--variants {args.variants!r}: expected comma-separated numbers from 1 to {len(names)}")
+    variants = {names[n - 1]: CLICK_VARIANTS[names[n - 1]] for n in numbers}
     if args.no_zero_shot and not (args.curves_only and args.adapters):
         parser.error("--no-zero-shot needs --curves-only and at least one of --adapters")
     models = {} if args.no_zero_shot else {"zero-shot": load_base_model("litemedsam")}
