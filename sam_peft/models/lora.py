@@ -38,6 +38,7 @@ HEADS = {
     "hypernetworks": [f"output_hypernetworks_mlps.{i}" for i in range(4)],
 }
 SAM_PEFT_FILE = "sam_peft.json"
+BOX_PROMPT_ROUTES = ("adapter", "base")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapters shipped as package data: name -> the base they were trained on.
 BUNDLED_ADAPTERS = {"litemedsam-phpg": "litemedsam"}
@@ -126,8 +127,13 @@ def save_adapter(model: PeftModel, output_dir: str | Path, **extra_info) -> Path
     return output_dir
 
 
-def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_trainable: bool = False) -> PeftModel:
+def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_trainable: bool = False,
+                 box_prompts: str | None = None) -> PeftModel:
     """Rebuild base + adapter from a bundled adapter's name, an adapter directory or a Hub id.
+
+    `box_prompts`: `"adapter"` answers every prompt through the adapter; `"base"` answers box-only prompts
+    (a box, no click) through the base with the adapter switched off, at inference (`decode_regions`);
+    `None` takes the adapter's recorded choice (`box_prompts` in its sam_peft.json, else `"adapter"`).
 
     Without `base`, the recorded base is loaded when it can be found by its name (`litemedsam`, a Hub id);
     a base that was a local file or directory must be given (`base=load_base_model(path)`). Either way a
@@ -138,6 +144,7 @@ def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_traina
     info_file = adapter_dir / SAM_PEFT_FILE
     info = read_json(info_file, "sam_peft adapter record") if info_file.exists() else {}
     adapter_config = read_json(adapter_dir / "adapter_config.json", "peft adapter config")
+    box_prompts = _box_prompt_route(box_prompts, info, info_file, adapter_config)
     if (adapter_dir / ADAPTER_WEIGHTS).exists():
         check_safetensors(adapter_dir / ADAPTER_WEIGHTS, "adapter weights file")
     processor = (SamInputProcessor.from_dict(info["preprocessing"], source=f"{info_file}: preprocessing")
@@ -162,7 +169,20 @@ def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_traina
     if processor is not None:
         model.get_base_model().sam_peft_processor = processor
     model.sam_peft_info = info
+    model.sam_peft_box_prompts = box_prompts
     return model.eval()
+
+
+def _box_prompt_route(choice: str | None, info: dict, info_file: Path, adapter_config: dict) -> str:
+    """The checked `box_prompts` route: the caller's choice, else the adapter's recorded one, else "adapter"."""
+    source = "box_prompts" if choice is not None else f"{info_file}: box_prompts"
+    choice = choice if choice is not None else info.get("box_prompts", "adapter")
+    if choice not in BOX_PROMPT_ROUTES:
+        raise ValueError(f"{source} must be one of {', '.join(BOX_PROMPT_ROUTES)}, got {choice!r}")
+    if choice == "base" and "vision_encoder" in str(adapter_config.get("target_modules")):
+        raise ValueError(f"{source}: 'base' answers boxes from the base's image embeddings, but this adapter "
+                         "changes the image encoder; use 'adapter'")
+    return choice
 
 
 def _recorded_base(adapter_dir: Path, info: dict, adapter_config: dict) -> SamModel:
