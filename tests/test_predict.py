@@ -109,7 +109,7 @@ def test_predictor_rejects_bad_prompts(litemedsam):
         ({"liver": {"box": [10, 10, 90, 30]}}, r"organ 'liver': coordinates \[\[90.0, 30.0\]\] lie outside the 80x60 "),
         ({"liver": box, "spleen": {"points": [[5, -1]], "labels": [1]}},
          r"organ 'spleen': coordinates \[\[5.0, -1.0\]\]"),
-        ({"liver": {"box": [40, 10, 10, 30]}}, "x0 <= x1"),
+        ({"liver": {"box": [40, 10, 10, 30]}}, "x0 < x1"),
         ({"liver": {"box": [1, 2, 3]}}, r"box must be \[x0, y0, x1, y1\]"),
         ({"liver": {"points": [[5, 5]]}}, "'points' and 'labels'"),
         ({"liver": {"points": [[5, 5]], "labels": [2]}}, "each 1 \\(positive\\) or 0"),
