@@ -5,7 +5,15 @@ import argparse
 import collections
 
 from .phantom import PHANTOM_LAYOUTS, write_phantom
-from .prepare import MODALITIES, PLANES, WINDOWS, parse_window, prepare, read_metadata
+from .prepare import MODALITIES, PLANES, WINDOWS, Window, parse_window, prepare, read_metadata
+
+
+def window_option(text: str) -> Window:
+    """`parse_window` as an argparse type: its message, not argparse's bare 'invalid value', names the problem."""
+    try:
+        return parse_window(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,7 +32,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
                         "or 'dataset' for the names in dataset.json / mask files (default: those names; required "
                         "when the dataset has none)")
     parser.add_argument("--output", required=True, help="folder to write the dataset to")
-    parser.add_argument("--window", default="abdomen", type=parse_window,
+    parser.add_argument("--window", default="abdomen", type=window_option,
                         help=f"CT window: {', '.join(WINDOWS)} or LEVEL,WIDTH in HU")
     parser.add_argument("--modality", default="auto", choices=MODALITIES,
                         help="ct: window; mr: 0.5-99.5 percentile normalisation; auto: decide per volume")

@@ -186,6 +186,7 @@ def prepare(
 
     `options` are the fields of `PrepareOptions`. Writes `output` atomically and returns it memory-mapped.
     """
+    check_writable(output)  # before reading anything
     cases = discover_cases(images, labels)
     if options.get("label_map") in (None, "dataset"):
         options["label_map"] = _dataset_label_map(Path(images), labels, cases, options.get("label_map") is None)
@@ -205,6 +206,7 @@ def prepare_volumes(
     """`prepare` for volumes already in memory (phantoms, demos, tests); held in memory when `output` is None."""
     options, cases, source = PrepareOptions(**options), list(cases), {"images": "in-memory volumes"}
     if output is not None:
+        check_writable(output)
         _build(cases, options, Path(output), source, overwrite, num_proc)
         return load_from_disk(str(output))
     with tempfile.TemporaryDirectory(prefix="sam_peft_prepare_") as scratch:
@@ -515,7 +517,6 @@ def _build(sources: list, options: PrepareOptions, output: Path, source: dict, o
         raise ValueError(f"no label map: the labels of {source['labels'] or source['images']} are raw ids, and no "
                          "dataset.json or mask file names say which organ each id is; pass label_map / --label-map: "
                          f"{', '.join(PRESET_HELP)} or a JSON/YAML {{id: name}} file")
-    check_writable(output)
     claim_output(output, overwrite, ["dataset_dict.json"])
     ids = [s.case_id for s in sources]
     if len(set(ids)) != len(ids):

@@ -5,7 +5,8 @@ import argparse
 
 import torch
 
-from ..data.prepare import WINDOWS, check_writable, load_prepared, parse_window
+from ..data.cli import window_option
+from ..data.prepare import WINDOWS, check_writable, load_prepared
 from ..io import reading
 from ..models import DEFAULT_ADAPTER, DEFAULT_MODEL, default_adapter_for, load_adapter, load_base_model
 from .evaluate import EVAL_BEHAVIOURS, evaluate
@@ -162,7 +163,7 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
                         "beside it as .json")
     parser.add_argument("--label-map", help="output ids: preset (e.g. totalsegmentator, flare22) or JSON/YAML "
                         "{id: name} file (default: the adapter's training label map, else totalsegmentator)")
-    parser.add_argument("--window", default="abdomen", type=parse_window,
+    parser.add_argument("--window", default="abdomen", type=window_option,
                         help=f"CT window of the training data: {', '.join(WINDOWS)} or LEVEL,WIDTH in HU")
     parser.add_argument("--modality", default="auto", choices=("auto", "ct", "mr"),
                         help="ct: apply --window; mr: 0.5-99.5 percentile normalisation; auto: decide from the "

@@ -153,10 +153,13 @@ def predict_volume(
     display = to_display(volume)
     requested = _read_prompts(prompts)
     seeds = _seeds(requested, display.array.shape)
+    if label_map is not None:
+        _check_organs(requested, label_map)
     scaled, _ = to_unit_range(display.array, PrepareOptions(window=window, modality=modality))
     model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
-    label_map = load_label_map(model_label_map(model)) if label_map is None else label_map
-    _check_organs(requested, label_map)
+    if label_map is None:
+        label_map = load_label_map(model_label_map(model))
+        _check_organs(requested, label_map)
     ids = output_ids(label_map, {seed.organ for seed in seeds})
     segmenter = _Segmenter(MultiOrganPredictor(model), np.rint(scaled).astype(np.uint8), ids, rule)
     segmenter.run(seeds, propagate, progress)
