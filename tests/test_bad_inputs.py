@@ -191,7 +191,7 @@ def test_bad_devices_are_one_line_errors_naming_the_option(capsys):
         code, _, err = _run([command, "--device", missing], capsys)
         assert code == 2 and f"argument --device: {missing}: this machine has" in _error_line(err), command
         code, _, err = _run([command, "--device", "meta"], capsys)
-        assert code == 2 and "argument --device: meta holds no data" in _error_line(err), command
+        assert code == 2 and "argument --device: meta: this device holds no data" in _error_line(err), command
 
 
 # ------------------------------------------------------------------------------------------ output folders
@@ -269,9 +269,9 @@ def test_mr_labels_are_never_named_with_the_ct_label_map(totalseg_dir, tmp_path,
     for ct_map in ("totalsegmentator", str(totalseg_dir / "class_map_total_v2.json")):
         code, _, err = _prepare_mr(totalseg_dir, tmp_path, capsys, "--label-map", ct_map)
         assert code == 2 and _error_line(err).endswith(
-            f"example_mr_sm.nii.gz: the image is MR (by its intensities), but label map {ct_map!r} is TotalSegmentator's "
-            "CT task, whose ids name other organs: pass --label-map totalsegmentator_mr (or --modality ct if the "
-            "image is CT)")
+            f"example_mr_sm.nii.gz: the image is MR (by its intensities), but label map {ct_map!r} is "
+            "TotalSegmentator's CT task, whose ids name other organs: pass --label-map totalsegmentator_mr (or "
+            "--modality ct if the image is CT)")
     assert not (tmp_path / "mr").exists()
     for mr_map in ("totalsegmentator_mr", str(totalseg_dir / "class_map_total_mr.json")):
         code, out, _ = _prepare_mr(totalseg_dir, tmp_path, capsys, "--label-map", mr_map, "--overwrite")

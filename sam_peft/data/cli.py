@@ -29,8 +29,8 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--label-map",
                         help="which organ each label id is: preset (totalsegmentator for TotalSegmentator CT, "
                         "totalsegmentator_mr for its MR task, flare22, btcv, synapse8), a JSON/YAML {id: name} file, "
-                        "or 'dataset' for the names in dataset.json / mask files (default: those names; required "
-                        "when the dataset has none)")
+                        "or 'dataset' for the names in dataset.json / mask files (default: those names, or "
+                        "totalsegmentator for TotalSegmentator's case folders; required when the dataset has none)")
     parser.add_argument("--output", required=True, help="folder to write the dataset to")
     parser.add_argument("--window", default="abdomen", type=window_option,
                         help=f"CT window: {', '.join(WINDOWS)} or LEVEL,WIDTH in HU")

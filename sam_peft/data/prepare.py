@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..io import UNREADABLE
 from .label_maps import PRESET_HELP, LabelMap, load_label_map, organ_key
-from .layouts import Case, discover_cases, read_dataset_labels
+from .layouts import Case, detect_layout, discover_cases, read_dataset_labels
 from .readers import Volume, read_volume, to_display
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ class PrepareOptions:
     """How cases become slices; the keywords of `prepare` and `prepare_volumes`.
 
     label_map: preset name, JSON/YAML file, {id: name} dict or LabelMap (`prepare` also takes "dataset": the
-      names in the layout's dataset.json or per-organ mask files, which it uses when label_map is None). Raw
+      names in the layout's dataset.json or per-organ mask files, which it uses when label_map is None, as it
+      uses TotalSegmentator's map for TotalSegmentator's folder layout). Raw
       label ids do not say which organ they are (TotalSegmentator's CT and MR tasks number organs differently,
       FLARE22 and BTCV differently again), so there is no default: without a label map, preparation stops.
     window: CT window, preset name or "level,width"; modality: "ct", "mr" (percentile normalisation) or
@@ -425,11 +426,14 @@ def _slice_rows(case_id, plane, pixels, organs, spacing, options: PrepareOptions
 
 
 def _dataset_label_map(images: Path, labels, cases: list[Case], optional: bool) -> LabelMap | None:
-    """Organ names the dataset itself provides: its dataset.json, or the names of its mask files; None when it has
-    none and `optional` (no label map given: `_build` then stops)."""
+    """Organ names the dataset itself provides: its dataset.json, (when `optional`, no label map given) the
+    TotalSegmentator map for TotalSegmentator's folder layout, or the names of its mask files; None when it has
+    none and `optional` (`_build` then stops)."""
     names = read_dataset_labels(images) if labels is None and images.is_dir() else None
     if names:
         return LabelMap.from_ids(names, str(images / "dataset.json"))
+    if optional and labels is None and images.is_dir() and detect_layout(images) == "totalsegmentator":
+        return load_label_map("totalsegmentator")  # its own layout: its CT ids and mask names (MR is refused)
     organs = sorted({organ_key(organ) for case in cases for organ, _ in case.mask_paths})
     if organs:
         return LabelMap.from_ids(dict(enumerate(organs, 1)), "mask file names")
@@ -478,8 +482,8 @@ def check_writable(output: str | Path, what: str = "output", folder: bool = True
     where a folder must be, or a folder no file can be created in. Creates nothing."""
     output = Path(output)
     if output.exists() and output.is_dir() != folder:
-        raise ValueError(f"{what} {output} is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'} "
-                         "path" + (" (or delete the file)" if folder else ""))
+        raise ValueError(f"{what} {output} is a file; give a folder path (or delete the file)" if folder else
+                         f"{what} {output} is a folder; give a file path")
     existing = next(p for p in (output if folder else output.parent, *output.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{what} {output}: {existing} is a file, so no folder can be made there")

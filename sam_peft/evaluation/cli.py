@@ -35,22 +35,29 @@ def parse_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    problem = _device_problem(device)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{name}: {problem}")
+    return device
+
+
+def _device_problem(device: torch.device) -> str | None:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
-            raise argparse.ArgumentTypeError(f"{name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+            return "this machine has no CUDA GPU that torch can use; use --device cpu"
         if (device.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"{name}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+            return f"this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}"
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{name}: this machine has no Apple GPU (MPS) that torch can use; use --device cpu")
+        return "this machine has no Apple GPU (MPS) that torch can use; use --device cpu"
     elif device.type == "meta":
-        raise argparse.ArgumentTypeError("meta holds no data and cannot run a model; use cpu, cuda or mps")
-    else:
+        return "this device holds no data and cannot run a model; use cpu, cuda or mps"
+    elif device.type != "cpu":
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as error:  # torch asserts on backends it was not built with
-            raise argparse.ArgumentTypeError(f"{name}: torch cannot use this device here ({error})") from None
-    return device
+            return f"torch cannot use this device here ({error})"
+    return None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, bundled_default: bool = True) -> None:
