@@ -86,7 +86,7 @@ def test_a_label_volume_passed_as_the_ct_is_warned_about_before_any_model_work(t
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("example_seg_mr.nii.gz holds only 24 distinct integer values (0, 1, 2" in w and
                "looks like a label volume" in w for w in warnings), warnings
-    assert code == 2 and "organ 'livr' is not in the label map 'totalsegmentator'" in _error_line(err)
+    assert code == 2 and "organ 'livr' (did you mean 'liver'?) is not in the label map 'totalsegmentator'" in err
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # a real scan is not warned about
         _predict(tmp_path, _ct(_noisy_ct(), tmp_path / "ct.nii.gz"), {"livr": {"slices": {"1": GOOD_BOX}}}, capsys,

@@ -100,11 +100,10 @@ def parse_window(spec: str | Sequence[float] | Window) -> Window:
 class PrepareOptions:
     """How cases become slices; the keywords of `prepare` and `prepare_volumes`.
 
-    label_map: preset name, JSON/YAML file, {id: name} dict or LabelMap (`prepare` also takes "dataset": the
-      names in the layout's dataset.json or per-organ mask files, which it uses when label_map is None, as it
-      uses TotalSegmentator's map for TotalSegmentator's folder layout). Raw
-      label ids do not say which organ they are (TotalSegmentator's CT and MR tasks number organs differently,
-      FLARE22 and BTCV differently again), so there is no default: without a label map, preparation stops.
+    label_map: preset name, JSON/YAML file, {id: name} dict or LabelMap; required, because raw label ids do not
+      say which organ they are (TotalSegmentator's CT and MR tasks number organs differently, FLARE22 and BTCV
+      differently again). `prepare` also takes "dataset" (the names in the layout's dataset.json or per-organ
+      mask files) and, given no label map, uses those names, or TotalSegmentator's map for its case folders.
     window: CT window, preset name or "level,width"; modality: "ct", "mr" (percentile normalisation) or
       "auto" (8-bit input kept as is; CT when the volume holds air below -500 HU; otherwise MR).
     planes: any of axial/coronal/sagittal; min_pixels: an organ counts on a slice from this many pixels;

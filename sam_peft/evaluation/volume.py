@@ -37,6 +37,7 @@ from ..data.readers import (
     to_display,
 )
 from ..io import atomic_path
+from ..names import did_you_mean
 from .predictor import MultiOrganPredictor, parse_prompt
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,8 @@ def _slice_index(value, depth: int, where: str) -> int:
 def _check_organs(prompts: Mapping, label_map: LabelMap) -> None:
     for organ in prompts:
         if label_map.index(organ) is None:
-            raise ValueError(f"organ {organ!r} is not in the label map {label_map.name!r}; valid organs are "
+            hint = did_you_mean(organ_key(organ), label_map.organ_names)
+            raise ValueError(f"organ {organ!r}{hint} is not in the label map {label_map.name!r}; valid organs are "
                              f"{list(label_map.organ_names)}")
 
 
