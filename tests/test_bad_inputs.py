@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from datasets import DatasetDict
 from test_cli import _error_line, _run
 from test_models import tiny_sam_config
 from transformers import SamModel
