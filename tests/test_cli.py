@@ -1,7 +1,6 @@
 """The `sam-peft` command as a user meets it: generated train options, config checks, help text, unreadable
 files and Ctrl-C, each through the real `sam_peft.cli.main` on real files."""
 import _thread
-import argparse
 import dataclasses
 import json
 import signal
@@ -14,7 +13,7 @@ import torch
 import yaml
 from transformers import SamModel
 
-from sam_peft.cli import build_parser, main
+from sam_peft.cli import COMMANDS, command_parser, main
 from sam_peft.data import phantom_cases, prepare_volumes, write_phantom
 from sam_peft.models import apply_lora, load_base_model, save_adapter
 from sam_peft.training import TrainConfig, train
@@ -50,8 +49,7 @@ def test_train_help_lists_every_setting_with_its_help(capsys):
 
 
 def test_every_option_of_every_command_has_help():
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parsers = {name: p for name, p in sub.choices.items() if name != "train"} | {"train": train_parser()}
+    parsers = {name: command_parser(name) for name in COMMANDS if name != "train"} | {"train": train_parser()}
     for name, parser in parsers.items():
         assert parser.description, name
         for action in parser._actions:

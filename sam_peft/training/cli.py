@@ -11,12 +11,8 @@ import dataclasses
 import typing
 
 import yaml
-from transformers import HfArgumentParser
 
 from ..names import did_you_mean
-from .config import TrainConfig, read_yaml
-from .hub import push_to_hub
-from .trainer import train
 
 TRAIN_DESCRIPTION = (
     "Fine-tune LoRA adapters with PHPG prompts and CBDP pruning. Settings come from --config (YAML), then "
@@ -30,12 +26,15 @@ NONE_WORDS = ("none", "null")
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """The `train` entry of `sam-peft`: it only routes; `parse_train_args` reads the settings, because
     their defaults depend on the --config file."""
-    return subparsers.add_parser("train", add_help=False, help="fine-tune LoRA adapters with PHPG prompts and "
-                                 "CBDP pruning (accelerate); `sam-peft train --help` lists every setting")
+    return subparsers.add_parser("train", add_help=False)
 
 
-def train_parser(prog: str = "sam-peft train") -> HfArgumentParser:
-    """One option per `TrainConfig` field, plus --config, --resume and --overwrite."""
+def train_parser(prog: str = "sam-peft train"):
+    """One option per `TrainConfig` field (an `HfArgumentParser`), plus --config, --resume and --overwrite."""
+    from transformers import HfArgumentParser
+
+    from .config import TrainConfig
+
     parser = HfArgumentParser(TrainConfig, prog=prog, description=TRAIN_DESCRIPTION, allow_abbrev=False,
                               usage=f"{prog} [--config YAML] [--resume] [--overwrite] [--SETTING VALUE ...]")
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings (e.g. examples/flare22.yaml)")
@@ -51,6 +50,8 @@ def train_parser(prog: str = "sam-peft train") -> HfArgumentParser:
 def parse_train_args(argv: list[str], prog: str = "sam-peft train") -> tuple[TrainConfig, argparse.Namespace]:
     """Command line -> (TrainConfig, namespace with config / resume / overwrite). Bad settings raise
     ValueError naming the setting (and the file); bad options end as argparse errors (exit 2)."""
+    from .config import TrainConfig, read_yaml
+
     pre = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     config_file = pre.parse_known_args(argv)[0].config
@@ -70,6 +71,8 @@ def parse_train_args(argv: list[str], prog: str = "sam-peft train") -> tuple[Tra
 
 def _unknown_message(unknown: list[str]) -> str:
     """'unrecognized argument --batchsize (did you mean --batch-size?)'."""
+    from .config import TrainConfig
+
     token = unknown[0]
     if not token.startswith("--"):
         return f"unexpected argument {token!r}: settings are --name value (see --help)"
@@ -99,6 +102,8 @@ def _yaml_mapping(text: str) -> dict | None:
 
 
 def run_train(argv: list[str]) -> None:
+    from .trainer import train
+
     config, args = parse_train_args(argv)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if result:
