@@ -137,6 +137,27 @@ def test_out_of_range_settings_are_refused_by_name(setting, value):
         TrainConfig(**{setting: value}, pruning="none")
 
 
+FLOAT_SETTINGS = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_numbers_are_refused_by_name_in_every_float_setting(value, tmp_path, capsys):
+    """inf passes `lr > 0` and trains NaN weights: each float setting (and behaviour weight) refuses it, from
+    Python, YAML and the command line, before anything is written."""
+    assert {"lr", "weight_decay", "warmup_ratio", "prune_ratio", "anneal", "max_grad_norm"} <= set(FLOAT_SETTINGS)
+    for setting in FLOAT_SETTINGS:
+        wrong = {"tight_box": float(value)} if setting == "behaviours" else float(value)
+        with pytest.raises(ValueError, match=rf"^{setting} must be a finite number, got {value.lstrip('+')}$"):
+            TrainConfig(**{setting: wrong})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"lr: {value}\n")  # YAML 1.1 reads .inf; a bare inf/nan is a string, converted
+    with pytest.raises(ValueError, match=rf"config file {config_file}: lr must be a finite number"):
+        TrainConfig.from_yaml(config_file)
+    code, _, err = _run(["train", f"--lr={value}", "--output-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and _error_line(err) == f"sam-peft train: error: lr must be a finite number, got {value}"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny random SAM directory, a LoRA adapter saved for it, a prepared phantom dataset, a NIfTI volume
