@@ -21,7 +21,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import SamModel
 
-from .loading import check_safetensors, load_base_model, looks_like_hub_id, processor_for, read_json
+from .loading import check_safetensors, hf_image_processor, load_base_model, looks_like_hub_id, processor_for, read_json
 from .processor import SamInputProcessor
 
 # Module-name regexes (peft matches a string target_modules with re.fullmatch on the full name).
@@ -108,14 +108,17 @@ def portable(value):
 
 
 def save_adapter(model: PeftModel, output_dir: str | Path, **extra_info) -> Path:
-    """`save_pretrained` + `sam_peft.json` (`extra_info` added, see `portable`), written to a temporary
-    directory and renamed into place."""
+    """`save_pretrained` + `sam_peft.json` (`extra_info` added, see `portable`) + preprocessor_config.json
+    where SamProcessor can express the preprocessing, written to a temporary directory and renamed into place."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     model.save_pretrained(tmp, save_embedding_layers=False)  # SAM has no vocabulary: no base lookup
     info = {**getattr(model, "sam_peft_info", {}), **{key: portable(value) for key, value in extra_info.items()}}
     (tmp / SAM_PEFT_FILE).write_text(json.dumps(info, indent=2))
+    image_processor = hf_image_processor(info.get("preprocessing"))
+    if image_processor is not None:  # `SamProcessor.from_pretrained(adapter_dir)` for plain transformers users
+        image_processor.save_pretrained(tmp)
     if output_dir.exists():
         old = output_dir.with_name(output_dir.name + ".old")
         os.replace(output_dir, old)

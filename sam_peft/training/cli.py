@@ -112,16 +112,29 @@ def run_train(argv: list[str]) -> None:
 
 def add_push_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "push", help="upload a run's adapter and model card to the Hugging Face Hub",
-        description="Upload RUN_DIR/adapter (LoRA weights, sam_peft.json, model card) to a Hub model repository, "
-        "creating it if needed.",
+        "push", description="Upload RUN_DIR/adapter (LoRA weights, sam_peft.json, a model card naming --repo-id, "
+        "preprocessor_config.json for SAM-style preprocessing) to a Hub model repository, creating it if needed. "
+        "With --to-folder, write exactly those files to a new folder instead, with no network (upload it later "
+        "with `hf upload REPO_ID DIR`). The run's own files are never changed.",
     )
     parser.add_argument("run_dir", help="run folder from `sam-peft train` (its output_dir, holding adapter/)")
-    parser.add_argument("--repo-id", required=True, help="Hub repository to create or update, as owner/name")
+    parser.add_argument("--repo-id", help="Hub repository to create or update, as owner/name (required unless "
+                        "--to-folder; with it, the repository the card's usage lines load from)")
+    parser.add_argument("--to-folder", metavar="DIR", help="write what would be uploaded to the new folder DIR "
+                        "instead of uploading (offline)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", help="Hub token (default: the logged-in user's)")
     return parser
 
 
 def run_push(args: argparse.Namespace) -> None:
-    print(push_to_hub(args.run_dir, args.repo_id, token=args.token, private=args.private))
+    from .hub import export_adapter, push_to_hub
+
+    if args.to_folder:
+        folder = export_adapter(args.run_dir, args.to_folder, repo_id=args.repo_id)
+        print(f"wrote the files to upload to {folder}" + (f"; upload them with `hf upload {args.repo_id} {folder}`"
+                                                           if args.repo_id else ""))
+    elif not args.repo_id:
+        raise ValueError("--repo-id is required to upload (or write the files to a folder with --to-folder DIR)")
+    else:
+        print(push_to_hub(args.run_dir, args.repo_id, token=args.token, private=args.private))
