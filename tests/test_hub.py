@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import SamModel
 
-from sam_peft.data import phantom_cases, prepare_volumes
+from sam_peft.data import load_prepared, phantom_cases, prepare_volumes
 from sam_peft.models import apply_lora, load_adapter, load_base_model, processor_for, save_adapter
 from sam_peft.training import TrainConfig, export_adapter, push_to_hub, train, write_model_card
 from test_models import tiny_sam_config
@@ -83,6 +83,10 @@ def test_push_writes_the_card_for_the_repository(published):
     with pytest.raises(FileNotFoundError, match="not a finished sam_peft run"):
         push_to_hub(published["root"], "me/x", api=published["hub"])
     info = json.loads((pushed / "sam_peft.json").read_text())
+    split = load_prepared(published["root"] / "data")["train"]
+    trained = sorted({organ for organs in split["organs"] for organ in organs})
+    assert sorted(info["trained_organs"]) == trained and len(trained) < len(info["organ_names"]) == 13
+    assert f"**Organs trained on ({len(trained)}):** " in card and "label map `flare22` (13 structures)" in card
     assert (info["base"], info["base_kind"]) == ("me/tiny-sam", "hub") and info["recipe"]["rounds"] == 1
     root = str(published["root"])
     for path in pushed.iterdir():  # nothing uploaded names a folder of the machine it was trained on

@@ -96,3 +96,21 @@ def test_unknown_public_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         sam_peft.no_such_name  # noqa: B018
     assert callable(sam_peft.load_adapter) and sam_peft.models.load_adapter is sam_peft.load_adapter
+
+
+def test_train_without_tensorboard_says_how_to_get_curves(tmp_path):
+    """tensorboard is an extra; accelerate drops a missing tracker silently, so `sam-peft train` says it
+    (here before the missing data stops the run)."""
+    code = (
+        "import sys\n"
+        "sys.modules['tensorboard'] = sys.modules['tensorboardX'] = None  # as when the extra is not installed\n"
+        "from sam_peft.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    missing = str(tmp_path / "no_data")
+    done = _python(code, "train", "--data", missing, "--log-with", "tensorboard", "--output-dir", str(tmp_path / "r"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert ("sam-peft train: warning: tensorboard is not installed, so this run logs no training curves; pip "
+            "install 'sam_peft[tensorboard]', or --log-with none to run without them") in lines
+    assert lines[-1].startswith("sam-peft train: error: ") and missing in lines[-1]

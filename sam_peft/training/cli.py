@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 
 import yaml
@@ -102,9 +103,14 @@ def _yaml_mapping(text: str) -> dict | None:
 
 
 def run_train(argv: list[str]) -> None:
+    from accelerate.utils import is_tensorboard_available
+
     from .trainer import train
 
     config, args = parse_train_args(argv)
+    if config.log_with == "tensorboard" and not is_tensorboard_available():  # accelerate would drop it silently
+        print("sam-peft train: warning: tensorboard is not installed, so this run logs no training curves; "
+              "pip install 'sam_peft[tensorboard]', or --log-with none to run without them", file=sys.stderr)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if result:
         print(f"best validation Dice {result['best_val_dice']:.4f}; adapter in {config.output_dir}/adapter")
