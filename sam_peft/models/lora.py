@@ -11,11 +11,13 @@ name with no network: `load_adapter("litemedsam-phpg")`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -77,7 +79,8 @@ def apply_lora(
     )
     fingerprint = base_fingerprint(model)
     processor = processor_for(model)
-    peft_model = get_peft_model(model, config)
+    with _peft_wrapping():
+        peft_model = get_peft_model(model, config)
     config.base_model_name_or_path = base_name  # peft takes the local path from the model; adapters travel
     peft_model.sam_peft_info = {"base": base_name, "base_kind": base_kind, "base_fingerprint": fingerprint,
                                 "preprocessing": processor.to_dict(),
@@ -86,6 +89,15 @@ def apply_lora(
     if verbose:
         peft_model.print_trainable_parameters()
     return peft_model
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    for peft's authors that a user of sam_peft can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def base_fingerprint(model: SamModel) -> str:
@@ -159,7 +171,8 @@ def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_traina
         raise ValueError(f"{info_file}: the recorded preprocessing resizes to {processor.image_size} pixels, but the "
                          f"base takes {size}")
     try:
-        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+        with _peft_wrapping():
+            model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
     except RuntimeError as err:  # shape mismatches from load_state_dict
         raise ValueError(f"{adapter_dir}: adapter does not fit base {getattr(base, 'name_or_path', '?')!r}: {err}") from err
     if processor is not None:
