@@ -237,3 +237,18 @@ for allow in (None, ["sam_peft"]):
     assert len(lines) == 2 and "loaded" not in lines, done.stdout + done.stderr[-2000:]
     assert "wants to import 'sam_peft.models.tinyvit'" in lines[0]
     assert lines[1].startswith("ModuleNotFoundError") and "sam_peft" in lines[1]
+
+
+@pytest.mark.parametrize("name", ["sam", "medsam", "litemedsam"])
+def test_preprocessor_config_is_written_exactly_where_sam_processor_can_express_it(name, tmp_path):
+    """SAM's recipe round-trips through preprocessor_config.json; MedSAM's (square spline resize) and
+    LiteMedSAM's (INTER_AREA, min-max) have no SamProcessor equivalent, so no file claims them."""
+    from sam_peft.models.loading import hf_image_processor
+    from sam_peft.models.processor import KNOWN_PREPROCESSING, from_hf_preprocessor_config
+
+    recipe = KNOWN_PREPROCESSING[name]
+    image_processor = hf_image_processor(recipe.to_dict())
+    assert (image_processor is None) == (name != "sam")
+    if image_processor is not None:
+        image_processor.save_pretrained(tmp_path)
+        assert from_hf_preprocessor_config(tmp_path / "preprocessor_config.json") == recipe
