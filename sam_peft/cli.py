@@ -16,8 +16,8 @@ from . import __version__
 
 # name -> (module defining add_<name>_parser and run_<name>, one-line help for `sam-peft --help`)
 COMMANDS = {
-    "demo": ("sam_peft.cli", "offline demo on phantom CT: zero-shot vs fine-tuned LiteMedSAM (CPU, no "
-             "download; README gives its measured time)"),
+    "demo": ("sam_peft.cli", "offline demo on phantom CT: LiteMedSAM zero-shot, with the bundled adapter "
+             "and fine-tuned (CPU, no download)"),
     "prepare": ("sam_peft.data.cli", "medical volumes -> a Hugging Face dataset of 2D slices"),
     "phantom": ("sam_peft.data.cli", "write synthetic abdominal CT phantoms (NIfTI, FLARE22 labels)"),
     "train": ("sam_peft.training.cli", "fine-tune LoRA adapters with PHPG prompts and CBDP pruning (accelerate); "
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top level: every command by name and help, without importing any command's module."""
     parser = argparse.ArgumentParser(prog="sam-peft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)  # its own options: `command_parser`
     return parser

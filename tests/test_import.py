@@ -32,7 +32,7 @@ def _cli(*argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["push", "--help"], ["demo", "--help"],
-                                  ["no-such-command"], ["push"], ["--no-such-option"]])
+                                  ["no-such-command"], ["push"], ["push", "runs/x"], ["--no-such-option"]])
 def test_help_version_and_argument_errors_import_nothing_heavy(argv):
     done, imported = _cli(*argv)
     assert imported == [], (argv, imported)

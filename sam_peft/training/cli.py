@@ -134,13 +134,13 @@ def add_push_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_push(args: argparse.Namespace) -> None:
+    if not (args.repo_id or args.to_folder):
+        raise ValueError("--repo-id is required to upload (or write the files to a folder with --to-folder DIR)")
     from .hub import export_adapter, push_to_hub
 
     if args.to_folder:
         folder = export_adapter(args.run_dir, args.to_folder, repo_id=args.repo_id)
         print(f"wrote the files to upload to {folder}" + (f"; upload them with `hf upload {args.repo_id} {folder}`"
                                                            if args.repo_id else ""))
-    elif not args.repo_id:
-        raise ValueError("--repo-id is required to upload (or write the files to a folder with --to-folder DIR)")
     else:
         print(push_to_hub(args.run_dir, args.repo_id, token=args.token, private=args.private))
