@@ -15,6 +15,11 @@ import yaml
 
 from ..names import did_you_mean
 
+if typing.TYPE_CHECKING:
+    from transformers import HfArgumentParser
+
+    from .config import TrainConfig
+
 TRAIN_DESCRIPTION = (
     "Fine-tune LoRA adapters with PHPG prompts and CBDP pruning. Settings come from --config (YAML), then "
     "the options below; lists as --eval-behaviours tight_box center_click, mappings in YAML as --behaviours "
@@ -30,7 +35,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return subparsers.add_parser("train", add_help=False)
 
 
-def train_parser(prog: str = "sam-peft train"):
+def train_parser(prog: str = "sam-peft train") -> HfArgumentParser:
     """One option per `TrainConfig` field (an `HfArgumentParser`), plus --config, --resume and --overwrite."""
     from transformers import HfArgumentParser
 
