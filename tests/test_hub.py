@@ -145,6 +145,8 @@ def test_export_writes_exactly_what_push_uploads_and_the_run_is_never_changed(pu
     assert {"preprocessor_config.json", "README.md", "adapter_model.safetensors"} <= set(_files(tmp_path / "export"))
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         export_adapter(published["run"], tmp_path / "export", repo_id="me/ct-adapter")
+    export_adapter(published["run"], tmp_path / "no_repo")  # the card then loads from that folder
+    assert f'sam_peft.load_adapter("{tmp_path / "no_repo"}")' in (tmp_path / "no_repo" / "README.md").read_text()
     with pytest.raises(ValueError, match="repository id 'me/a b' is not valid"):
         export_adapter(published["run"], tmp_path / "export2", repo_id="me/a b")
     assert not (tmp_path / "export2").exists()

@@ -181,15 +181,15 @@ def _adapter_of(run_dir: str | Path) -> Path:
     return adapter
 
 
-def _stage(adapter: Path, folder: Path, repo_id: str | None) -> None:
-    """Into the new `folder`: the adapter's files, a card naming `repo_id` and, where SamProcessor can
-    express the preprocessing, preprocessor_config.json."""
+def _stage(adapter: Path, folder: Path, source: str) -> None:
+    """Into the new `folder`: the adapter's files, a card whose usage lines load from `source` (the Hub id or
+    the final folder) and, where SamProcessor can express the preprocessing, preprocessor_config.json."""
     folder.mkdir(parents=True)
     for file in adapter.iterdir():
         if file.is_file() and file.name != CARD_FILE:
             shutil.copy2(file, folder / file.name)
     record = read_json(adapter / SAM_PEFT_FILE, "sam_peft adapter record")
-    (folder / CARD_FILE).write_text(model_card(record, repo_id or str(folder)))
+    (folder / CARD_FILE).write_text(model_card(record, source))
     processor = hf_image_processor(record.get("preprocessing"))
     if processor is not None:
         processor.save_pretrained(folder)
@@ -206,7 +206,7 @@ def export_adapter(run_dir: str | Path, folder: str | Path, repo_id: str | None 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _stage(adapter, staging / "export", repo_id)
+        _stage(adapter, staging / "export", repo_id or str(folder))
         if folder.exists():
             folder.rmdir()
         os.replace(staging / "export", folder)
