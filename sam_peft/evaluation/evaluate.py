@@ -22,12 +22,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from peft import PeftModel
 from tqdm.auto import tqdm
 
@@ -41,6 +40,9 @@ from ..prompts.behaviours import make_prompt
 from ..prompts.clicks import PERFECT, next_clicks
 from .metrics import clicks_to_reach, dice_counts, dice_from_counts, iou_from_counts, surface_dice
 from .predictor import decode_prompts, stack_prompts
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EVAL_BEHAVIOURS = ("tight_box", "jitter_box", "loose_box", "center_click", "random_click", "clicks_3", "clicks_5")
 SINGLE_PROMPT_BEHAVIOURS = EVAL_BEHAVIOURS[:5]  # the human-factor spread compares these
@@ -423,6 +425,8 @@ def _markdown(metrics: dict) -> str:
 
 
 def _organ_figure(metrics: dict) -> Figure:
+    from matplotlib.figure import Figure  # here, not at the top: `import sam_peft` stays free of matplotlib
+
     dice, organs = metrics["dice"], list(metrics["instances_per_organ"])
     figure = Figure(figsize=(max(6.0, 0.25 * len(organs) * (len(dice) + 1)), 4.5), layout="constrained")
     axes = figure.subplots()
@@ -436,6 +440,9 @@ def _organ_figure(metrics: dict) -> Figure:
 
 
 def _clicks_figure(metrics: dict) -> Figure:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     curve = metrics["dice_vs_clicks"]
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
