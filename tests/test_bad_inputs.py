@@ -312,5 +312,11 @@ def test_evaluate_and_predict_default_to_the_bundled_adapter_and_say_so(phantom_
     assert code == 0 and out.startswith("model: litemedsam (no adapter)\n")
     settings = json.loads((tmp_path / "plain" / "metrics.json").read_text())["settings"]
     assert (settings["model"], settings["adapter"]) == ("litemedsam", None)
+    # the bundled adapter answers box prompts with the base: the same Dice, recorded as such
+    dice = {run: json.loads((tmp_path / run / "metrics.json").read_text())["dice"]["tight_box"]["mean"]
+            for run in ("bundled", "plain")}
+    assert dice["bundled"] == pytest.approx(dice["plain"], abs=1e-6)
+    bundled = json.loads((tmp_path / "bundled" / "metrics.json").read_text())["settings"]
+    assert bundled["box_prompts"] == "base"
     code, out, _ = _predict(tmp_path, tmp_path / "missing.nii.gz", {"liver": {"slices": {"1": GOOD_BOX}}}, capsys)
     assert code == 2 and out.startswith("model: litemedsam + adapter litemedsam-phpg (the bundled default")

@@ -72,6 +72,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, bundled_default: bool =
                          f"--model){default}")
     if bundled_default:
         adapter.add_argument("--no-adapter", action="store_true", help="the plain base model, no adapter")
+    parser.add_argument("--box-prompts", choices=("adapter", "base"), default=None,
+                        help="what answers a prompt that is only a box: the adapter, or the base with the adapter "
+                        "off (default: the adapter's own choice; the bundled adapter answers boxes with the base)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=parse_device,
                         help="torch device to run on: cpu, cuda, cuda:1, mps (default: cuda when available)")
 
@@ -88,8 +91,9 @@ def describe_model(args: argparse.Namespace) -> str:
     adapter = chosen_adapter(args)
     if adapter is None:
         return f"{args.model} (no adapter)"
-    return f"{args.model} + adapter {adapter}" + (" (the bundled default; --no-adapter for the plain base)"
-                                                  if args.adapter is None else "")
+    route = f", box prompts answered by the {args.box_prompts}" if args.box_prompts else ""
+    return f"{args.model} + adapter {adapter}{route}" + (" (the bundled default; --no-adapter for the plain base)"
+                                                         if args.adapter is None else "")
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str | None]:
@@ -100,7 +104,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str | None]:
     adapter = chosen_adapter(args)
     if adapter:
         with reading(f"--adapter {adapter}"):
-            model = load_adapter(adapter, base=model)
+            model = load_adapter(adapter, base=model, box_prompts=args.box_prompts)
         model.sam_peft_adapter = adapter
     return model.to(args.device), adapter
 

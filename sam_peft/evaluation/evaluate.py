@@ -145,12 +145,13 @@ def evaluate(
 
 
 def model_record(model) -> dict:
-    """{"model": the base's name or path, "adapter": the adapter's name or path, or None for the plain base}.
-    An adapter is named when it was loaded by the command line (which keeps its name on the model)."""
+    """{"model": the base's name or path, "adapter": the adapter's name or path (None for the plain base),
+    "box_prompts": what answered box-only prompts}. An adapter is named when `load_adapter` loaded it."""
     adapter = getattr(model, "sam_peft_adapter", None)
     if adapter is None and isinstance(model, PeftModel):
         adapter = "a LoRA adapter (name not recorded)"
-    return {"model": getattr(sam_of(model), "name_or_path", None), "adapter": adapter}
+    box_prompts = getattr(model, "sam_peft_box_prompts", "adapter") if adapter else "base"
+    return {"model": getattr(sam_of(model), "name_or_path", None), "adapter": adapter, "box_prompts": box_prompts}
 
 
 # ------------------------------------------------------------------------------------------ inputs

@@ -186,6 +186,7 @@ def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_traina
         model.get_base_model().sam_peft_processor = processor
     model.sam_peft_info = info
     model.sam_peft_box_prompts = box_prompts
+    model.sam_peft_adapter = str(path_or_id)  # what evaluate records as the adapter it scored
     return model.eval()
 
 
