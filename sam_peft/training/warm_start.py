@@ -6,8 +6,6 @@ and with a frozen encoder it runs on the cached embeddings (decoder passes only)
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
@@ -33,8 +31,9 @@ def score_before_training(
 ) -> int:
     """Give `sampler` a first-round loss for every region of every row; returns the regions scored here.
 
-    rows: items are dicts with image, label and sample_id (the trainer's rows). Prompts come from a copy of
-    `collator` with no `max_regions`, so every organ of a slice is scored once. image_embeddings: the
+    rows: items are dicts with image, label and sample_id (the trainer's rows). Prompts and regions come from
+    `collator` as in training (under its `max_regions` the organs not drawn count as average until they are
+    seen: `policy.slice_difficulty`). image_embeddings: the
     (N, C, h, w) cached encoder outputs indexed by sample_id (frozen encoder); otherwise the encoder runs.
     Under torch.distributed each process scores rows rank::world_size; the sampler gathers them at its
     next `set_epoch`, which must come before the first epoch is planned.
@@ -42,8 +41,6 @@ def score_before_training(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-    collate = copy.copy(collator)
-    collate.max_regions = None
     indices = list(range(rank, len(rows), world))
     was_training = model.training
     model.eval()
@@ -51,7 +48,7 @@ def score_before_training(
     try:
         for start in tqdm(range(0, len(indices), batch_size), desc="scoring slices before training",
                           disable=not progress):
-            batch = collate([rows[i] for i in indices[start:start + batch_size]])
+            batch = collator([rows[i] for i in indices[start:start + batch_size]])
             ids = batch["sample_ids"]
             embeddings = None if image_embeddings is None else image_embeddings[ids].to(device, torch.float32)
             batch = {k: v.to(device) for k, v in batch.items()}
