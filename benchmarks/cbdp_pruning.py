@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=32, help="axial slices per phantom case")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--prune-ratio", type=float, default=0.5)
+    parser.add_argument("--anneal", type=float, default=0.875, help="fraction of the epochs that prune")
     parser.add_argument("--runs", default="none,infobatch,random,cbdp", help=f"from {list(RUNS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (LoRA init, prompts, order)")
     parser.add_argument("--behaviours", default="tight_box,jitter_box,center_click",
@@ -250,7 +251,7 @@ def main() -> None:
             strategy, budget = RUNS[name]
             config = TrainConfig.from_dict(dict(
                 model=args.model, data=data, epochs=args.epochs, pruning=strategy, prune_budget=budget,
-                prune_ratio=args.prune_ratio, prune_ema=args.prune_ema, behaviours=behaviours,
+                prune_ratio=args.prune_ratio, anneal=args.anneal, prune_ema=args.prune_ema, behaviours=behaviours,
                 batch_size=args.batch_size,
                 rounds=args.rounds, max_regions=args.max_regions, lr=args.lr, seed=seed, log_with=None,
                 mixed_precision=args.mixed_precision, eval_behaviours=eval_behaviours, eval_every=args.eval_every,
@@ -269,7 +270,8 @@ def main() -> None:
 
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     lines = [f"`{command}`", "",
-             f"{data}: {args.epochs} epochs, prune ratio {args.prune_ratio}, behaviours {args.behaviours}, "
+             f"{data}: {args.epochs} epochs, prune ratio {args.prune_ratio}, anneal {args.anneal}, behaviours "
+             f"{args.behaviours}, validated on {args.eval_behaviours}, "
              f"{args.rounds} round(s), up to {args.max_regions} regions per slice, batch {args.batch_size}, "
              f"{device_name()}, {time.monotonic() - started:.0f} s in all"]
     if skipped:

@@ -304,3 +304,25 @@ def test_distributed_shards_under_accelerate(tmp_path):
     assert summaries[-1]["pruned"] == 0  # annealed
     # epoch 0 prunes too, on the scores both processes' warm starts gathered: the dataset budget exactly
     assert all(s["kept"] == 41 - 20 for s in summaries[:-1])
+
+
+@pytest.mark.parametrize(("setting", "value"), [("prune_ema", 1.0), ("prune_ema", -0.1), ("prune_organ_floor", 0.0),
+                                                ("prune_organ_floor", 1.5), ("prune_max_weight", 1.0)])
+def test_train_config_refuses_out_of_range_pruning_settings_by_name(setting, value):
+    from sam_peft.training import TrainConfig
+
+    with pytest.raises(ValueError, match=rf"^{setting}\b"):
+        TrainConfig(**{setting: value})
+
+
+def test_train_config_pruning_combinations():
+    from sam_peft.training import TrainConfig
+
+    with pytest.raises(ValueError, match="prune_budget 'dataset' does not apply to pruning infobatch"):
+        TrainConfig(pruning="infobatch", prune_budget="dataset")
+    TrainConfig(pruning="cbdp", epochs=1)  # the warm start lets the only epoch prune
+    with pytest.raises(ValueError, match="leaves 1 epoch.*without prune_warm_start"):
+        TrainConfig(pruning="cbdp", epochs=1, prune_warm_start=False)
+    config = TrainConfig(prune_ema=0.8, prune_organ_floor=0.3, prune_max_weight=4.0)
+    assert (config.prune_ema, config.prune_organ_floor, config.prune_max_weight, config.prune_warm_start) == (
+        0.8, 0.3, 4.0, True)
