@@ -122,6 +122,16 @@ def test_scores_are_normalised_per_organ_and_behaviour():
     assert organ_loss[0] == pytest.approx(3.0)
 
 
+def test_cells_of_one_region_keep_their_signal():
+    # organs 0 and 1 x behaviours 0 and 1, one region per cell: per-cell means would give every region 1;
+    # organ mean x behaviour factor (0.67 and 1.33 here) does not
+    scores, organ_loss = fold_scores(np.full((4, 2), np.nan), np.full(2, np.nan), np.array([0, 1, 2, 3]),
+                                     np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.array([1.0, 4.0, 2.0, 2.0]),
+                                     np.ones(4), ema=0.0)
+    assert [scores[0, 0], scores[1, 0], scores[2, 1], scores[3, 1]] == pytest.approx([2 / 3, 4 / 3, 4 / 3, 2 / 3])
+    assert organ_loss.tolist() == pytest.approx([2.25, 2.25])
+
+
 def test_cell_means_are_importance_weighted():
     # kept slices 0 (weight 1, loss 1) and 1 (weight 3, loss 3): the estimated cell mean is 2.5
     scores, organ_loss = fold_scores(np.full((3, 1), np.nan), np.full(1, np.nan), np.array([0, 1]),

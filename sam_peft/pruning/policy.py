@@ -6,12 +6,16 @@ then a draw whose marginals are exactly ``p_i``; a kept slice weighs ``1 / p_i``
 for every slice and every strategy: the weighted loss of a pruned epoch is an unbiased estimate of the full
 epoch's. ``p_i >= 1 / max_weight`` bounds every weight.
 
-CBDP's scores (`fold_scores`): a region's loss is divided by the mean loss of its (organ, behaviour) cell, so
-a loose box on the liver and a centre click on the pancreas are judged against their own kind; the ratio is
-smoothed by an EMA over epochs. A region not seen in an epoch (its slice was dropped, or the collator did not
-emit it) decays toward 1, its cell's mean, so an old low score cannot keep a slice dropped for ever. Cell
-means are importance-weighted by the epoch's slice weights, so they estimate the whole dataset's mean even
-when only the hard slices were kept. Each organ's difficulty is an EMA of its (weighted) mean raw loss.
+CBDP's scores (`fold_scores`): a region's loss is divided by the expected loss of its (organ, behaviour)
+cell, so a loose box on the liver and a centre click on the pancreas are judged against their own kind; the
+ratio is smoothed by an EMA over epochs. The cell's expected loss is organ mean x behaviour factor (the
+behaviour's mean loss over the overall mean; the organ mean taken over behaviour-adjusted losses): an
+epoch's regions spread over organs x behaviours cells, most of which hold one region or none on a small
+set, where a per-cell mean would make every ratio 1. A region not seen in an epoch (its slice was dropped,
+or the collator did not draw it) decays toward 1, its cell's mean, so an old low score cannot keep a slice
+dropped for ever. Means are importance-weighted by the epoch's slice weights, so they estimate the whole
+dataset's even when mostly hard slices were kept. Each organ's difficulty is an EMA of its
+behaviour-adjusted mean loss.
 
 CBDP's probabilities (`cbdp_probabilities`): region difficulty = organ factor x region score, where the
 organ factor is the organ's difficulty over the mean organ's (at least ``organ_floor``); a slice's is the
@@ -51,12 +55,15 @@ def fold_scores(
     key = (ids * k + organs) * nb + behaviours + 1
     unique, inverse = np.unique(key, return_inverse=True)
     loss = np.bincount(inverse, weights=losses) / np.bincount(inverse)
-    region, cell = unique // nb, (unique // nb % k) * nb + unique % nb
+    region, behaviour = unique // nb, unique % nb
     organ = region % k
     w = sample_weights[region // k]
     w = np.where(w > 0, w, 1.0)
-    cell_mean = _weighted_means(cell, loss, w, k * nb)[cell]
-    z = np.divide(loss, cell_mean, out=np.ones_like(loss), where=cell_mean > 0)
+    overall = np.average(loss, weights=w)
+    factor = _weighted_means(behaviour, loss, w, nb)[behaviour] / overall if overall > 0 else np.ones_like(loss)
+    adjusted = np.divide(loss, factor, out=loss.copy(), where=factor > 0)
+    organ_mean = _weighted_means(organ, adjusted, w, k)
+    z = np.divide(adjusted, organ_mean[organ], out=np.ones_like(loss), where=organ_mean[organ] > 0)
     # one normalised score per region: the mean over the behaviours it was seen with
     regions, inverse = np.unique(region, return_inverse=True)
     z = np.bincount(inverse, weights=z) / np.bincount(inverse)
@@ -67,10 +74,9 @@ def fold_scores(
     stale = ~seen & ~np.isnan(scores)
     scores[seen] = np.where(np.isnan(scores[seen]), new[seen], ema * scores[seen] + (1 - ema) * new[seen])
     scores[stale] = ema * scores[stale] + (1 - ema)  # decay toward the cell mean
-    means = _weighted_means(organ, loss, w, k)
     observed = np.bincount(organ, minlength=k) > 0
-    organ_loss[observed] = np.where(np.isnan(organ_loss[observed]), means[observed],
-                                    ema * organ_loss[observed] + (1 - ema) * means[observed])
+    organ_loss[observed] = np.where(np.isnan(organ_loss[observed]), organ_mean[observed],
+                                    ema * organ_loss[observed] + (1 - ema) * organ_mean[observed])
     return scores, organ_loss
 
 
