@@ -1,12 +1,12 @@
 """CBDP against its baselines: Dice at a fixed iteration budget, and iterations to reach full training's Dice.
 
 For each run and seed the same PHPG run is trained (frozen encoder, decoder LoRA + heads), validated every
-epoch, on the GPU when there is one (accelerate's choice). The runs: `none` (full training), `infobatch`
-(InfoBatch: slices whose mean loss is below the global mean are dropped with probability prune_ratio, the
-kept ones weigh 1 / (1 - prune_ratio)), `random` (a fresh uniform subset each epoch at CBDP's iteration
-budget), `cbdp` (class-balanced, difficulty-weighted keep probabilities at the paper's budget,
-N - floor(prune_ratio N) slices per pruned epoch) and `cbdp-pool` (CBDP's probabilities at InfoBatch's
-budget). Pruned runs score every slice before epoch 0 (warm start), so epoch 0 prunes too.
+`--eval-every` epochs, on the GPU when there is one (accelerate's choice). The runs: `none` (full training),
+`infobatch` (InfoBatch: slices whose mean loss is below the global mean are dropped with probability
+prune_ratio, the kept ones weigh 1 / (1 - prune_ratio)), `random` (a fresh uniform subset each epoch at CBDP's
+iteration budget), `cbdp` (class-balanced, difficulty-weighted keep probabilities at the paper's budget, N -
+floor(prune_ratio N) slices per pruned epoch) and `cbdp-pool` (CBDP's probabilities at InfoBatch's budget).
+Pruned runs score every slice before epoch 0 (warm start), so epoch 0 prunes too.
 
 Dice is organ-mean: per organ the mean of the validation behaviours' Dice (tight_box and jitter_box), then
 the mean over organs. Printed per seed: iterations and training seconds, final organ-mean Dice, the
@@ -22,9 +22,10 @@ all seeds and runs prints the tables. `--time-budget` stops starting new runs on
 as the longest so far) would end past it, and reports the finished ones.
 
     # the real CT split of real_ct_results.py (40 training slices, 14 validation slices of the same
-    # patient), boxes and centre clicks, one round, 8 epochs, 3 seeds
-    python benchmarks/cbdp_pruning.py --real-ct --epochs 8 --seeds 0,1,2 --batch-size 4 --max-regions 2 \\
-        --behaviours tight_box,jitter_box,center_click --output runs/cbdp_ct8 \\
+    # patient), boxes and centre clicks, one round, 5 epochs, 5 seeds (benchmarks/README.md)
+    python benchmarks/cbdp_pruning.py --real-ct --epochs 5 --anneal 0.8 --seeds 0,1,2,3,4 --batch-size 4 \\
+        --max-regions 1 --behaviours tight_box,jitter_box,center_click --eval-behaviours tight_box,jitter_box \\
+        --eval-every 5 --runs none,infobatch,random,cbdp --output runs/cbdp_ct5_v2 \\
         --results benchmarks/results/cbdp_real_ct.json
     # a phantom set of 32 x 32 = 1024 training slices (+ 1 validation case)
     python benchmarks/cbdp_pruning.py --cases 33 --val-cases 1 --slices 32 --epochs 8 --output runs/cbdp

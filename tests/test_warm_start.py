@@ -29,7 +29,8 @@ def setup():
     model = SamModel(tiny_sam_config())
     data = phantom_dataset(2, seed=1, shape=(8, 64, 64), spacing=(3.0, 2.5, 2.5), min_pixels=20)
     train = data["train"]
-    organs = [[o for o, n in zip(names, pixels) if n >= 20] for names, pixels in zip(train["organs"], train["organ_pixels"])]
+    organs = [[o for o, n in zip(names, pixels) if n >= 20]
+              for names, pixels in zip(train["organs"], train["organ_pixels"])]
     return model, train, organs, read_metadata(data)["organ_names"]
 
 
