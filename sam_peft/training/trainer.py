@@ -38,13 +38,14 @@ from tqdm.auto import tqdm
 from ..data import load_prepared, phantom_dataset, read_metadata
 from ..io import atomic_path
 from ..models import apply_lora, load_base_model, processor_for, save_adapter
-from ..prompts import PHPGCollator
+from ..prompts import BEHAVIOURS, PHPGCollator
 from ..pruning import CBDPSampler
 from .config import TrainConfig
 from .distill import DistilledStep
 from .embedding_cache import image_embeddings
 from .hub import write_model_card
 from .step import PHPGStep
+from .warm_start import score_before_training
 
 VALIDATION_TIMEOUT = timedelta(hours=2)
 
@@ -275,7 +276,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, checkpoints: Checkpoin
     # one unsharded plan on every process: the prepared DataLoader shards its batches
     sampler = CBDPSampler(sample_organs, num_epochs=config.epochs, prune_ratio=config.prune_ratio,
                           anneal=config.anneal, seed=config.seed, strategy=config.pruning,
-                          budget=config.prune_budget, num_replicas=1, rank=0)
+                          budget=config.prune_budget, ema=config.prune_ema, organ_floor=config.prune_organ_floor,
+                          max_weight=config.prune_max_weight, num_replicas=1, rank=0)
     collator = PHPGCollator(processor, organ_names, behaviours=config.behaviours, max_regions=config.max_regions,
                             min_pixels=min_pixels, seed=config.seed, include_pixels=cached is None)
     loader = DataLoader(_Rows(train_set), batch_size=config.batch_size, sampler=_Plan(sampler),
@@ -290,6 +292,10 @@ def _train(accelerator: Accelerator, config: TrainConfig, checkpoints: Checkpoin
     if resume:
         checkpoints.resume(accelerator, candidates)
     accelerator.init_trackers("sam_peft", config={k: str(v) for k, v in config.to_dict().items()})
+    if config.pruning in ("cbdp", "infobatch") and config.prune_warm_start and not resume:
+        score_before_training(accelerator.unwrap_model(step).model, _Rows(train_set), collator, sampler,
+                              organ_names, image_embeddings=cached, batch_size=config.batch_size,
+                              device=accelerator.device, progress=accelerator.is_local_main_process)
 
     done = bool(config.max_steps) and progress.step >= config.max_steps
     last_eval = (-1, None)  # (step, metrics) of the latest validation
@@ -376,7 +382,8 @@ def _score(sampler: CBDPSampler, batch: dict, out, organ_names: list[str]) -> No
     valid = batch["region_valid"].cpu()
     ids = batch["sample_ids"].cpu()[:, None].expand_as(valid)[valid]
     organs = [organ_names[i] for i in batch["organ_ids"].cpu()[valid].tolist()]
-    sampler.update(ids.tolist(), organs, out.region_losses.float().cpu()[valid])
+    behaviours = [BEHAVIOURS[b] for b in batch["behaviour_ids"].cpu()[valid].tolist()]
+    sampler.update(ids.tolist(), organs, out.region_losses.float().cpu()[valid], behaviours=behaviours)
 
 
 def _validate(accelerator, step, val_set, config, progress, output, evaluate, summary) -> dict | None:
