@@ -104,6 +104,11 @@ def multi_piece_share(data: str | Path, split: str, min_pixels: int = MIN_PIXELS
     return {name: float(np.mean(flags)) for name, flags in pieces.items()}
 
 
+def use(box_dice: float, clicks_dice: float) -> str:
+    """Which prompt a user should trust for a structure: the box unless five clicks beat it by over 0.01."""
+    return "clicks" if clicks_dice > box_dice + BOX_TOLERANCE else "box"
+
+
 def markdown(results: dict[str, dict], seen: set[str], seconds: Mapping[str, float] | None = None,
              pieces: Mapping[str, float] | None = None) -> str:
     """The option table (seen / unseen rows), the targets reached, and the per-structure box changes
@@ -132,10 +137,12 @@ def markdown(results: dict[str, dict], seen: set[str], seconds: Mapping[str, flo
     names = [n for n in results if n != "zero-shot"]
     piece_head = " multi-piece |" if pieces else ""
     lines += ["", "Per structure: box columns of an option are its change against zero-shot; centre and clicks_5 are Dice"
-              + ("; multi-piece: share of the instances in 2+ pieces on their slice." if pieces else "."),
+              + ("; multi-piece: share of the instances in 2+ pieces on their slice" if pieces else "")
+              + "; use: the prompt to trust with the adapter answering boxes through the base (box: the base's "
+              "tight box is within 0.01 of the adapter's clicks_5 or above it; clicks: five clicks do better).",
               "", f"| structure | seen | n |{piece_head} zero-shot tight | zero-shot loose | "
-              + " | ".join(f"{n} tight | {n} loose | {n} centre | {n} clicks_5" for n in names) + " |",
-              "|---" * (5 + bool(pieces) + 4 * len(names)) + "|"]
+              + " | ".join(f"{n} tight | {n} loose | {n} centre | {n} clicks_5 | {n} use" for n in names) + " |",
+              "|---" * (5 + bool(pieces) + 5 * len(names)) + "|"]
     for o in organs:
         d = lambda m, b: m["dice"][b]["per_organ"][o]  # noqa: E731
         piece_cell = f" {pieces[o]:.2f} |" if pieces else ""
@@ -143,7 +150,8 @@ def markdown(results: dict[str, dict], seen: set[str], seconds: Mapping[str, flo
                      f"{d(zero, 'tight_box'):.3f} | {d(zero, 'loose_box'):.3f} | "
                      + " | ".join(f"{d(results[n], 'tight_box') - d(zero, 'tight_box'):+.3f} | "
                                   f"{d(results[n], 'loose_box') - d(zero, 'loose_box'):+.3f} | "
-                                  f"{d(results[n], 'center_click'):.3f} | {d(results[n], 'clicks_5'):.3f}" for n in names)
+                                  f"{d(results[n], 'center_click'):.3f} | {d(results[n], 'clicks_5'):.3f} | "
+                                  f"{use(d(zero, 'tight_box'), d(results[n], 'clicks_5'))}" for n in names)
                      + " |")
     if pieces:
         share = [pieces[o] for o in organs]

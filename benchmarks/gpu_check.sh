@@ -200,7 +200,7 @@ for run in frozen encoder; do
   section "evaluate-$run" cli evaluate --adapter "$WORK/run_$run/adapter" --data "$WORK/ct" --split validation \
     --device "$DEVICE" --output "$WORK/eval_$run" "${EVAL[@]}"
 done
-section evaluate-base cli evaluate --data "$WORK/ct" --split validation --device "$DEVICE" \
+section evaluate-base cli evaluate --no-adapter --data "$WORK/ct" --split validation --device "$DEVICE" \
   --output "$WORK/eval_base" "${EVAL[@]}"
 for run in base frozen; do
   adapter=(); [ "$run" = base ] || adapter=(--adapter "$WORK/run_$run/adapter")

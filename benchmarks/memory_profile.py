@@ -83,8 +83,8 @@ def evaluate_command(scratch: Path, slices: int) -> list[str]:
                    output=scratch / "full", label_map="totalsegmentator", min_pixels=100)
     keep = [i for i, organs in enumerate(data["train"]["organs"]) if set(organs) & set(ABDOMEN)][:slices]
     DatasetDict({"train": data["train"].select(keep)}).save_to_disk(str(scratch / "ct"))
-    return [sys.executable, "-m", "sam_peft.cli", "evaluate", "--data", str(scratch / "ct"), "--split", "train",
-            "--organs", *ABDOMEN, "--output", str(scratch / "eval")]
+    return [sys.executable, "-m", "sam_peft.cli", "evaluate", "--no-adapter", "--data", str(scratch / "ct"),
+            "--split", "train", "--organs", *ABDOMEN, "--output", str(scratch / "eval")]
 
 
 def main() -> None:

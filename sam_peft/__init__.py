@@ -3,27 +3,33 @@
 Data path: `data.prepare` (volumes -> slice datasets) -> `PHPGCollator` (simulated-human prompts) ->
 `CBDPSampler` (class-balanced dynamic pruning) -> `train` (accelerate, PHPG step) -> `evaluate` /
 `MultiOrganPredictor` / `predict_volume`.
+
+`import sam_peft` is light: each public name imports its module (torch, transformers, peft...) on first use
+(PEP 562), so a host project or `sam-peft --help` pays only for what it touches.
 """
-from .data import load_prepared, phantom_dataset, prepare
-from .evaluation import MultiOrganPredictor, evaluate, predict_volume
-from .models import (
-    DEFAULT_ADAPTER,
-    PRESETS,
-    apply_lora,
-    default_adapter_for,
-    load_adapter,
-    load_base_model,
-    processor_for,
-    save_adapter,
-)
-from .prompts import BEHAVIOURS, PHPGCollator, next_clicks
-from .pruning import CBDPSampler
-from .training import PHPGStep, TrainConfig, phpg_forward, push_to_hub, train
+from __future__ import annotations
+
+import typing
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
-__all__ = [
-    "BEHAVIOURS", "CBDPSampler", "DEFAULT_ADAPTER", "MultiOrganPredictor", "PHPGCollator", "PHPGStep", "PRESETS", "TrainConfig",
-    "apply_lora", "default_adapter_for", "evaluate", "load_adapter", "load_base_model", "load_prepared", "next_clicks",
-    "phantom_dataset", "phpg_forward", "predict_volume", "prepare", "processor_for", "push_to_hub", "save_adapter",
-    "train",
-]
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    **dict.fromkeys(["load_prepared", "phantom_dataset", "prepare"], ".data"),
+    **dict.fromkeys(["MultiOrganPredictor", "evaluate", "predict_volume"], ".evaluation"),
+    **dict.fromkeys(["DEFAULT_ADAPTER", "PRESETS", "apply_lora", "default_adapter_for", "load_adapter",
+                     "load_base_model", "processor_for", "save_adapter"], ".models"),
+    **dict.fromkeys(["BEHAVIOURS", "PHPGCollator", "next_clicks"], ".prompts"),
+    "CBDPSampler": ".pruning",
+    **dict.fromkeys(["PHPGStep", "TrainConfig", "phpg_forward", "push_to_hub", "train"], ".training"),
+})
+
+if typing.TYPE_CHECKING:  # static analysers and IDEs see the real objects
+    from .data import load_prepared, phantom_dataset, prepare
+    from .evaluation import MultiOrganPredictor, evaluate, predict_volume
+    from .models import (DEFAULT_ADAPTER, PRESETS, apply_lora, default_adapter_for, load_adapter, load_base_model,
+                         processor_for, save_adapter)
+    from .prompts import BEHAVIOURS, PHPGCollator, next_clicks
+    from .pruning import CBDPSampler
+    from .training import PHPGStep, TrainConfig, phpg_forward, push_to_hub, train

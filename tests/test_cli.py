@@ -1,7 +1,6 @@
 """The `sam-peft` command as a user meets it: generated train options, config checks, help text, unreadable
 files and Ctrl-C, each through the real `sam_peft.cli.main` on real files."""
 import _thread
-import argparse
 import dataclasses
 import json
 import signal
@@ -14,7 +13,7 @@ import torch
 import yaml
 from transformers import SamModel
 
-from sam_peft.cli import build_parser, main
+from sam_peft.cli import COMMANDS, command_parser, main
 from sam_peft.data import phantom_cases, prepare_volumes, write_phantom
 from sam_peft.models import apply_lora, load_base_model, save_adapter
 from sam_peft.training import TrainConfig, train
@@ -50,8 +49,7 @@ def test_train_help_lists_every_setting_with_its_help(capsys):
 
 
 def test_every_option_of_every_command_has_help():
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parsers = {name: p for name, p in sub.choices.items() if name != "train"} | {"train": train_parser()}
+    parsers = {name: command_parser(name) for name in COMMANDS if name != "train"} | {"train": train_parser()}
     for name, parser in parsers.items():
         assert parser.description, name
         for action in parser._actions:
@@ -137,6 +135,27 @@ def test_python_types_give_the_yaml_message(tmp_path):
 def test_out_of_range_settings_are_refused_by_name(setting, value):
     with pytest.raises(ValueError, match=rf"^{setting}\b"):
         TrainConfig(**{setting: value}, pruning="none")
+
+
+FLOAT_SETTINGS = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_numbers_are_refused_by_name_in_every_float_setting(value, tmp_path, capsys):
+    """inf passes `lr > 0` and trains NaN weights: each float setting (and behaviour weight) refuses it, from
+    Python, YAML and the command line, before anything is written."""
+    assert {"lr", "weight_decay", "warmup_ratio", "prune_ratio", "anneal", "max_grad_norm"} <= set(FLOAT_SETTINGS)
+    for setting in FLOAT_SETTINGS:
+        wrong = {"tight_box": float(value)} if setting == "behaviours" else float(value)
+        with pytest.raises(ValueError, match=rf"^{setting} must be a finite number, got {value.lstrip('+')}$"):
+            TrainConfig(**{setting: wrong})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"lr: {value}\n")  # YAML 1.1 reads .inf; a bare inf/nan is a string, converted
+    with pytest.raises(ValueError, match=rf"config file {config_file}: lr must be a finite number"):
+        TrainConfig.from_yaml(config_file)
+    code, _, err = _run(["train", f"--lr={value}", "--output-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and _error_line(err) == f"sam-peft train: error: lr must be a finite number, got {value}"
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

@@ -173,3 +173,38 @@ def test_bundled_adapter_loads_by_name_offline(bundled_root):
 def test_unknown_adapter_names_are_refused_without_a_download():
     with pytest.raises(FileNotFoundError, match=r"'litemedsam_phpg': not a bundled adapter \(litemedsam-phpg\)"):
         load_adapter("litemedsam_phpg")
+
+
+def test_box_prompts_base_answers_boxes_through_the_base_and_clicks_through_the_adapter(tiny_base, tmp_path):
+    from sam_peft.models.decoding import decode_regions
+
+    model = apply_lora(tiny_base, preset="decoder", r=4, train_heads=("iou", "hypernetworks"), verbose=False)
+    _perturb_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    def base():  # loading an adapter injects its layers into the base: each load gets a fresh one
+        return load_base_model(tmp_path / "base")
+
+    routed = load_adapter(tmp_path / "adapter", base=base(), box_prompts="base")
+    torch.manual_seed(2)
+    embeddings = torch.randn(1, 32, 8, 8)
+    # region 0: a box; region 1: a box and a click; region 2: one click (PAD-padded to 3 tokens)
+    points = torch.tensor([[[[10.0, 20], [90, 100], [0, 0]], [[10, 20], [90, 100], [50, 60]],
+                            [[50, 60], [0, 0], [0, 0]]]])
+    labels = torch.tensor([[[2, 3, -1], [2, 3, 1], [1, -1, -1]]])
+    with torch.no_grad():
+        got, got_iou = decode_regions(routed, embeddings, points, labels)
+        adapted, _ = decode_regions(model.eval(), embeddings, points, labels)
+        with model.disable_adapter():
+            plain, plain_iou = decode_regions(model, embeddings, points, labels)
+    assert (adapted[0, 0] - plain[0, 0]).abs().max() > 1e-3  # the adapter changes boxes: the test can fail
+    assert torch.allclose(got[0, 0], plain[0, 0], atol=1e-6) and torch.allclose(got_iou[0, 0], plain_iou[0, 0])
+    assert torch.allclose(got[0, 1:], adapted[0, 1:], atol=1e-6)
+    with torch.enable_grad():  # training never routes
+        trained, _ = decode_regions(routed, embeddings, points, labels)
+    assert torch.allclose(trained[0, 0].detach(), adapted[0, 0], atol=1e-6)
+    assert load_adapter(tmp_path / "adapter", base=base()).sam_peft_box_prompts == "adapter"  # recorded default
+    with pytest.raises(ValueError, match="box_prompts must be one of adapter, base, got 'both'"):
+        load_adapter(tmp_path / "adapter", base=base(), box_prompts="both")
+    save_adapter(apply_lora(base(), preset="encoder", r=2, verbose=False), tmp_path / "encoder_adapter")
+    with pytest.raises(ValueError, match="changes the image encoder"):
+        load_adapter(tmp_path / "encoder_adapter", base=base(), box_prompts="base")

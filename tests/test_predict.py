@@ -109,7 +109,7 @@ def test_predictor_rejects_bad_prompts(litemedsam):
         ({"liver": {"box": [10, 10, 90, 30]}}, r"organ 'liver': coordinates \[\[90.0, 30.0\]\] lie outside the 80x60 "),
         ({"liver": box, "spleen": {"points": [[5, -1]], "labels": [1]}},
          r"organ 'spleen': coordinates \[\[5.0, -1.0\]\]"),
-        ({"liver": {"box": [40, 10, 10, 30]}}, "x0 <= x1"),
+        ({"liver": {"box": [40, 10, 10, 30]}}, "x0 < x1"),
         ({"liver": {"box": [1, 2, 3]}}, r"box must be \[x0, y0, x1, y1\]"),
         ({"liver": {"points": [[5, 5]]}}, "'points' and 'labels'"),
         ({"liver": {"points": [[5, 5]], "labels": [2]}}, "each 1 \\(positive\\) or 0"),
@@ -341,8 +341,8 @@ def test_predict_volume_bad_input(litemedsam, ct_crop, tmp_path):
     nib.save(nib.Nifti1Image(ct_crop[0].array.astype(np.int16), ct_crop[0].affine), tmp_path / "ct.nii.gz")
     box = {"box": [10, 10, 40, 30]}
     bad = [
-        ({"brain_stem": {"slices": {"2": box}}}, r"organ 'brain_stem' is not in the label map 'totalsegmentator'; "
-         r"valid organs are \['spleen', 'kidney_right'"),
+        ({"brain_stem": {"slices": {"2": box}}}, r"organ 'brain_stem' \(did you mean 'brain'\?\) is not in the label "
+         r"map 'totalsegmentator'; valid organs are \['spleen', 'kidney_right'"),
         ({"liver": {"slices": {"40": box}}}, r"slice index '40' is out of range: the volume has 4 axial slices"),
         ({"liver": {"slices": {"2": {"box": [0, 0, 500, 50]}}}}, r"organ 'liver' on slice 2: coordinates "
          r"\[\[500.0, 50.0\]\] lie outside the 122x101 image"),

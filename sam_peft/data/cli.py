@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import collections
 
 from .phantom import PHANTOM_LAYOUTS, write_phantom
-from .prepare import MODALITIES, PLANES, WINDOWS, parse_window, prepare, read_metadata
+from .prepare import MODALITIES, PLANES, WINDOWS, Window, parse_window, prepare, read_metadata
+
+
+def window_option(text: str) -> Window:
+    """`parse_window` as an argparse type: its message, not argparse's bare 'invalid value', names the problem."""
+    try:
+        return parse_window(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
@@ -17,11 +26,13 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--images", required=True, help="dataset folder, image file/folder, or DICOM series folder")
     parser.add_argument("--labels", help="label file or folder matching --images by name")
-    parser.add_argument("--label-map", default="totalsegmentator",
-                        help="preset (flare22, btcv, synapse8, totalsegmentator, totalsegmentator_mr), a JSON/YAML "
-                        "{id: name} file, or 'dataset' for the names in dataset.json / mask files")
+    parser.add_argument("--label-map",
+                        help="which organ each label id is: preset (totalsegmentator for TotalSegmentator CT, "
+                        "totalsegmentator_mr for its MR task, flare22, btcv, synapse8), a JSON/YAML {id: name} file, "
+                        "or 'dataset' for the names in dataset.json / mask files (default: those names, or "
+                        "totalsegmentator for TotalSegmentator's case folders; required when the dataset has none)")
     parser.add_argument("--output", required=True, help="folder to write the dataset to")
-    parser.add_argument("--window", default="abdomen", type=parse_window,
+    parser.add_argument("--window", default="abdomen", type=window_option,
                         help=f"CT window: {', '.join(WINDOWS)} or LEVEL,WIDTH in HU")
     parser.add_argument("--modality", default="auto", choices=MODALITIES,
                         help="ct: window; mr: 0.5-99.5 percentile normalisation; auto: decide per volume")
@@ -53,9 +64,17 @@ def run_prepare(args: argparse.Namespace) -> None:
         skip_bad=args.skip_bad, ignore_unknown_labels=args.ignore_unknown_labels,
     )
     metadata = read_metadata(dataset)
+    found = collections.Counter()
     for split, part in dataset.items():
         print(f"{split}: {part.num_rows} slices from {len(set(part['case_id']))} cases")
-    print(f"organs: {', '.join(metadata['organ_names'])}")
+        found.update(organ for organs in part["organs"] for organ in organs)
+    organs = [name for name in metadata["organ_names"] if found[name]]  # label-map order
+    print(f"{len(organs)} of the {len(metadata['organ_names'])} organs of label map "
+          f"{metadata['label_map']['name']!r} found (slices holding each): "
+          + ", ".join(f"{name} {found[name]}" for name in organs))
+    if list(dataset) == ["train"]:
+        print("only a train split: `sam-peft evaluate --split train` and `sam-peft train --val-split train` score "
+              "slices a model trained on them has seen (--val-fraction / --test-fraction hold cases out)")
     if metadata["skipped"]:
         print(f"skipped {len(metadata['skipped'])} cases, listed in {args.output}/skipped.json")
     print(f"saved to {args.output}")

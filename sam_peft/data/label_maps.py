@@ -70,6 +70,10 @@ PRESETS: dict[str, dict[int, str | None]] = {
     "totalsegmentator_mr": dict(enumerate(_TOTALSEGMENTATOR_MR, 1)),
 }
 
+# What each preset is, for messages that ask the user to choose one.
+PRESET_HELP = ("totalsegmentator (TotalSegmentator CT, class_map_total_v2)",
+               "totalsegmentator_mr (TotalSegmentator MR, class_map_total_mr)", "flare22", "btcv", "synapse8")
+
 
 def organ_key(name: str) -> str:
     """Canonical organ name: lower-case snake_case, so names from any file or folder compare equal."""

@@ -44,14 +44,18 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ..io import UNREADABLE
-from .label_maps import LabelMap, load_label_map, organ_key
-from .layouts import Case, discover_cases, read_dataset_labels
+from .label_maps import PRESET_HELP, LabelMap, load_label_map, organ_key
+from .layouts import Case, detect_layout, discover_cases, read_dataset_labels
 from .readers import Volume, read_volume, to_display
 
 logger = logging.getLogger(__name__)
 
 FORMAT_KEY = "sam_peft_prepared"  # marks (and versions) the metadata of a prepared dataset
 SPLITS = ("train", "validation", "test")
+TOTALSEGMENTATOR_TASKS = {"totalsegmentator": "ct", "totalsegmentator_mr": "mr"}  # label map preset -> modality
+SINGLE_CASE_HINT = (" With one case, prepare without --val-fraction / --test-fraction and use its train split: "
+                    "`sam-peft evaluate --split train`, `sam-peft train --val-split train` (scores on slices the "
+                    "model trained on, not on held-out ones)")
 PLANES = ("axial", "coronal", "sagittal")
 MODALITIES = ("auto", "ct", "mr")
 MR_PERCENTILES = (0.5, 99.5)
@@ -87,7 +91,7 @@ def parse_window(spec: str | Sequence[float] | Window) -> Window:
             spec = [float(part) for part in spec.split(",")]
         except ValueError:
             spec = []
-    if len(spec) != 2 or not spec[1] > 0:
+    if len(spec) != 2 or not (math.isfinite(spec[0]) and 0 < spec[1] < math.inf):
         raise ValueError(f"window must be one of {', '.join(WINDOWS)} or 'level,width' with width > 0, got {spec!r}")
     return Window(float(spec[0]), float(spec[1]))
 
@@ -96,8 +100,10 @@ def parse_window(spec: str | Sequence[float] | Window) -> Window:
 class PrepareOptions:
     """How cases become slices; the keywords of `prepare` and `prepare_volumes`.
 
-    label_map: preset name, JSON/YAML file, {id: name} dict or LabelMap (`prepare` also takes "dataset": the
-      names in the layout's dataset.json or per-organ mask files).
+    label_map: preset name, JSON/YAML file, {id: name} dict or LabelMap; required, because raw label ids do not
+      say which organ they are (TotalSegmentator's CT and MR tasks number organs differently, FLARE22 and BTCV
+      differently again). `prepare` also takes "dataset" (the names in the layout's dataset.json or per-organ
+      mask files) and, given no label map, uses those names, or TotalSegmentator's map for its case folders.
     window: CT window, preset name or "level,width"; modality: "ct", "mr" (percentile normalisation) or
       "auto" (8-bit input kept as is; CT when the volume holds air below -500 HU; otherwise MR).
     planes: any of axial/coronal/sagittal; min_pixels: an organ counts on a slice from this many pixels;
@@ -107,7 +113,7 @@ class PrepareOptions:
     ignore_unknown_labels: label ids or mask names not in the map become background instead of an error.
     """
 
-    label_map: LabelMap | str | Path | Mapping = "totalsegmentator"
+    label_map: LabelMap | str | Path | Mapping | None = None
     window: Window | str | Sequence[float] = "abdomen"
     modality: str = "auto"
     planes: Sequence[str] = ("axial",)
@@ -121,7 +127,7 @@ class PrepareOptions:
     ignore_unknown_labels: bool = False
 
     def __post_init__(self) -> None:
-        self.label_map = load_label_map(self.label_map)
+        self.label_map = None if self.label_map is None else load_label_map(self.label_map)
         self.window = parse_window(self.window)
         self.planes = tuple(dict.fromkeys(self.planes))
         if self.modality not in MODALITIES:
@@ -130,8 +136,10 @@ class PrepareOptions:
             raise ValueError(f"planes must be a non-empty subset of {PLANES}, got {self.planes}")
         if self.min_pixels < 1:
             raise ValueError(f"min_pixels must be at least 1, got {self.min_pixels}")
-        if self.spacing is not None and not self.spacing > 0:
+        if self.spacing is not None and not 0 < self.spacing < math.inf:
             raise ValueError(f"spacing must be a positive size in mm, got {self.spacing}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         for name in ("empty_fraction", "val_fraction", "test_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -178,9 +186,10 @@ def prepare(
 
     `options` are the fields of `PrepareOptions`. Writes `output` atomically and returns it memory-mapped.
     """
+    check_writable(output)  # before reading anything
     cases = discover_cases(images, labels)
-    if options.get("label_map") == "dataset":
-        options["label_map"] = _dataset_label_map(Path(images), labels, cases)
+    if options.get("label_map") in (None, "dataset"):
+        options["label_map"] = _dataset_label_map(Path(images), labels, cases, options.get("label_map") is None)
     source = {"images": str(images), "labels": None if labels is None else str(labels)}
     _build(cases, PrepareOptions(**options), Path(output), source, overwrite, num_proc)
     return load_from_disk(str(output))
@@ -197,6 +206,7 @@ def prepare_volumes(
     """`prepare` for volumes already in memory (phantoms, demos, tests); held in memory when `output` is None."""
     options, cases, source = PrepareOptions(**options), list(cases), {"images": "in-memory volumes"}
     if output is not None:
+        check_writable(output)
         _build(cases, options, Path(output), source, overwrite, num_proc)
         return load_from_disk(str(output))
     with tempfile.TemporaryDirectory(prefix="sam_peft_prepare_") as scratch:
@@ -302,7 +312,9 @@ def _match_grids(image: Volume, label: Volume) -> tuple[Volume, Volume]:
     return shown_image, shown_label
 
 
-def _check_image(image: Volume) -> None:
+def check_image(image: Volume) -> None:
+    """Refuse an image no scan can be: NaN or infinite voxels (any conversion would spread them over the whole
+    slice), or one value everywhere (an empty volume has nothing to segment)."""
     if np.issubdtype(image.array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(image.array)))
         if bad:
@@ -310,6 +322,22 @@ def _check_image(image: Volume) -> None:
     low, high = image.array.min(), image.array.max()
     if low == high:
         raise ValueError(f"{image.path}: every voxel is {low}; the image is empty")
+
+
+def _check_modality(path: str, modality: str, options: PrepareOptions) -> None:
+    """TotalSegmentator's CT and MR tasks give the same ids to different organs (MR 15 is the colon, CT 15 the
+    esophagus): refuse the map of the other modality (as a preset or as its class map file) rather than name
+    every organ wrongly."""
+    ids = options.label_map.to_dict()["ids"]
+    task = next((name for name in TOTALSEGMENTATOR_TASKS if load_label_map(name).to_dict()["ids"] == ids), None)
+    expected = TOTALSEGMENTATOR_TASKS.get(task)
+    if expected and modality in ("ct", "mr") and modality != expected:
+        found = "--modality" if options.modality != "auto" else "its intensities"
+        right = next(name for name, kind in TOTALSEGMENTATOR_TASKS.items() if kind == modality)
+        raise ValueError(f"{path}: the image is {modality.upper()} (by {found}), but label map "
+                         f"{options.label_map.name!r} is TotalSegmentator's {expected.upper()} task, whose ids name "
+                         f"other organs: pass --label-map {right} (or --modality {expected} if the image is "
+                         f"{expected.upper()})")
 
 
 def to_unit_range(array: np.ndarray, options: PrepareOptions) -> tuple[np.ndarray, str]:
@@ -341,9 +369,10 @@ def _plane_stack(array: np.ndarray, plane: str) -> np.ndarray:
 
 
 def _slice_case(case_id: str, image: Volume, label: Volume, options: PrepareOptions) -> _CaseResult:
-    _check_image(image)
+    check_image(image)
     image, label = _match_grids(image, label)
     scaled, modality = to_unit_range(image.array, options)
+    _check_modality(image.path, modality, options)
     planes = options.planes if image.array.shape[0] > 1 else ("axial",)  # a 2D image has one plane
     rows = []
     for plane in planes:
@@ -395,14 +424,20 @@ def _slice_rows(case_id, plane, pixels, organs, spacing, options: PrepareOptions
 # --------------------------------------------------------------------------------------- whole dataset
 
 
-def _dataset_label_map(images: Path, labels, cases: list[Case]) -> LabelMap:
-    """Organ names the dataset itself provides: its dataset.json, or the names of its mask files."""
+def _dataset_label_map(images: Path, labels, cases: list[Case], optional: bool) -> LabelMap | None:
+    """Organ names the dataset itself provides: its dataset.json, (when `optional`, no label map given) the
+    TotalSegmentator map for TotalSegmentator's folder layout, or the names of its mask files; None when it has
+    none and `optional` (`_build` then stops)."""
     names = read_dataset_labels(images) if labels is None and images.is_dir() else None
     if names:
         return LabelMap.from_ids(names, str(images / "dataset.json"))
+    if optional and labels is None and images.is_dir() and detect_layout(images) == "totalsegmentator":
+        return load_label_map("totalsegmentator")  # its own layout: its CT ids and mask names (MR is refused)
     organs = sorted({organ_key(organ) for case in cases for organ, _ in case.mask_paths})
     if organs:
         return LabelMap.from_ids(dict(enumerate(organs, 1)), "mask file names")
+    if optional:
+        return None
     raise ValueError(f"label_map='dataset': {images} has no dataset.json with labels nor per-organ mask files")
 
 
@@ -411,8 +446,9 @@ def assign_splits(case_ids: Sequence[str], val_fraction: float, test_fraction: f
     n = len(case_ids)
     n_test, n_val = (math.ceil(n * f - 1e-9) for f in (test_fraction, val_fraction))
     if n_test + n_val >= n:
-        raise ValueError(f"{n} cases cannot fill val_fraction={val_fraction} and test_fraction={test_fraction} "
-                         "and keep a training case")
+        raise ValueError(f"{n} case(s) cannot fill val_fraction={val_fraction} and test_fraction={test_fraction} "
+                         "and keep a training case: splits hold whole cases, so that no patient's slices are both "
+                         "trained and scored on." + (SINGLE_CASE_HINT if n == 1 else ""))
     order = np.random.default_rng(seed).permutation(n)
     splits = ["test"] * n_test + ["validation"] * n_val + ["train"] * (n - n_test - n_val)
     return {case_ids[i]: split for i, split in zip(order, splits)}
@@ -440,6 +476,23 @@ def _map_cases(sources: list, options: PrepareOptions, num_proc: int) -> Iterabl
         yield from pool.imap(work, sources)
 
 
+def check_writable(output: str | Path, what: str = "output", folder: bool = True) -> None:
+    """Fail before any work when `output` (a folder, or a file when not `folder`) cannot be written: a file
+    where a folder must be, or a folder no file can be created in. Creates nothing."""
+    output = Path(output)
+    if output.exists() and output.is_dir() != folder:
+        raise ValueError(f"{what} {output} is a file; give a folder path (or delete the file)" if folder else
+                         f"{what} {output} is a folder; give a file path")
+    existing = next(p for p in (output if folder else output.parent, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{what} {output}: {existing} is a file, so no folder can be made there")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise PermissionError(f"{what} {output}: cannot write in {existing} ({error.strerror}); choose a folder you "
+                              "can write to") from error
+
+
 def claim_output(output: Path, overwrite: bool, markers: Sequence[str]) -> None:
     """Refuse an existing `output` unless `overwrite`; even then replace only a folder holding one of `markers`
     (something this package wrote) or an empty one, never an unrelated folder."""
@@ -463,6 +516,10 @@ def publish(work: Path, output: Path) -> None:
 def _build(sources: list, options: PrepareOptions, output: Path, source: dict, overwrite: bool,
            num_proc: int) -> None:
     """Slice every case into per-split Arrow files in a temporary folder beside `output`, then rename it."""
+    if options.label_map is None:
+        raise ValueError(f"no label map: the labels of {source['labels'] or source['images']} are raw ids, and no "
+                         "dataset.json or mask file names say which organ each id is; pass label_map / --label-map: "
+                         f"{', '.join(PRESET_HELP)} or a JSON/YAML {{id: name}} file")
     claim_output(output, overwrite, ["dataset_dict.json"])
     ids = [s.case_id for s in sources]
     if len(set(ids)) != len(ids):

@@ -22,16 +22,16 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from peft import PeftModel
 from tqdm.auto import tqdm
 
 from ..data.label_maps import organ_key
-from ..data.prepare import load_prepared, read_metadata
+from ..data.prepare import check_writable, load_prepared, read_metadata
 from ..io import atomic_path
 from ..models.decoding import PAD_LABEL, encode_images, sam_of
 from ..models.loading import processor_for
@@ -40,6 +40,9 @@ from ..prompts.behaviours import make_prompt
 from ..prompts.clicks import PERFECT, next_clicks
 from .metrics import clicks_to_reach, dice_counts, dice_from_counts, iou_from_counts, surface_dice
 from .predictor import decode_prompts, stack_prompts
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EVAL_BEHAVIOURS = ("tight_box", "jitter_box", "loose_box", "center_click", "random_click", "clicks_3", "clicks_5")
 SINGLE_PROMPT_BEHAVIOURS = EVAL_BEHAVIOURS[:5]  # the human-factor spread compares these
@@ -102,6 +105,8 @@ def evaluate(
     can validate with a subset of behaviours and `noc=False`. `image_embeddings`: the (N, C, h, w) encoder
     output for every row of the evaluated split (a frozen-encoder cache), so validation skips the encoder.
     """
+    if output_dir is not None:
+        check_writable(output_dir, "output_dir (--output)")
     behaviours = _check_behaviours(behaviours, noc)
     organs = [organs] if isinstance(organs, str) else organs
     if max_clicks < 1 or batch_size < 1 or min_pixels < 1:
@@ -130,13 +135,23 @@ def evaluate(
         raise ValueError(f"nothing to evaluate: no slice of {where} holds an organ instance of at least {min_pixels} "
                          "pixels" + (f" among {list(organs)}" if organs else ""))
     metrics = _summarise(instances, behaviours, organ_names, max_clicks if noc else 0, n_slices, seconds)
-    metrics["settings"] = {"model": getattr(sam_of(model), "name_or_path", None), "split": split,
+    metrics["settings"] = {**model_record(model), "split": split,
                            "behaviours": list(behaviours), "noc": noc, "max_clicks": max_clicks, "seed": seed,
                            "min_pixels": min_pixels, "organs": list(organs) if organs else None,
                            "nsd_tolerance_mm": NSD_TOLERANCE_MM}
     if output_dir is not None:
         write_report(metrics, output_dir)
     return metrics
+
+
+def model_record(model) -> dict:
+    """{"model": the base's name or path, "adapter": the adapter's name or path (None for the plain base),
+    "box_prompts": what answered box-only prompts}. An adapter is named when `load_adapter` loaded it."""
+    adapter = getattr(model, "sam_peft_adapter", None)
+    if adapter is None and isinstance(model, PeftModel):
+        adapter = "a LoRA adapter (name not recorded)"
+    box_prompts = getattr(model, "sam_peft_box_prompts", "adapter") if adapter else "base"
+    return {"model": getattr(sam_of(model), "name_or_path", None), "adapter": adapter, "box_prompts": box_prompts}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -382,7 +397,8 @@ def _table(header: list, rows: list[list]) -> list[str]:
 
 def _markdown(metrics: dict) -> str:
     s = metrics["settings"]
-    lines = [f"# Evaluation of {s['model'] or 'the model'}" + (f" on split {s['split']}" if s["split"] else ""), "",
+    model = (s["model"] or "the model") + (f" + adapter {s['adapter']}" if s.get("adapter") else "")
+    lines = [f"# Evaluation of {model}" + (f" on split {s['split']}" if s["split"] else ""), "",
              f"{metrics['n_instances']} organ instances (>= {s['min_pixels']} px) in {metrics['n_slices']} slices of "
              f"{metrics['n_cases']} cases; seed {s['seed']}; {metrics['slices_per_second']:.2f} slices/s.", ""]
     dice, organs = metrics["dice"], list(metrics["instances_per_organ"])
@@ -410,6 +426,8 @@ def _markdown(metrics: dict) -> str:
 
 
 def _organ_figure(metrics: dict) -> Figure:
+    from matplotlib.figure import Figure  # here, not at the top: `import sam_peft` stays free of matplotlib
+
     dice, organs = metrics["dice"], list(metrics["instances_per_organ"])
     figure = Figure(figsize=(max(6.0, 0.25 * len(organs) * (len(dice) + 1)), 4.5), layout="constrained")
     axes = figure.subplots()
@@ -423,6 +441,9 @@ def _organ_figure(metrics: dict) -> Figure:
 
 
 def _clicks_figure(metrics: dict) -> Figure:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     curve = metrics["dice_vs_clicks"]
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()

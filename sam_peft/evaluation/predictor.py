@@ -102,23 +102,38 @@ def decode_prompts(
     return chosen, torch.take_along_dim(iou, best, -1)[..., 0]
 
 
+def _is_number(value) -> bool:
+    """A real number, not a bool (JSON `true` would otherwise read as 1) nor a numeric string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _all_numbers(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
+    if isinstance(value, (list, tuple)):
+        return all(_all_numbers(item) for item in value)
+    return _is_number(value)
+
+
 def _numbers(value, shape: tuple[int, ...], what: str, where: str) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        array = None
+    array = np.asarray(value, dtype=np.float64) if _all_numbers(value) else None
     if array is None or array.ndim != len(shape) or array.shape[-1] != shape[-1] or not np.isfinite(array).all():
         raise ValueError(f"{where}: {what} must be {'[[x, y], ...]' if len(shape) == 2 else '[x0, y0, x1, y1]'} "
-                         f"(finite numbers), got {value!r}")
+                         f"(finite numbers, not true/false or strings), got {value!r}")
     return array
 
 
-def parse_prompt(spec: Mapping, image_hw: tuple[int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_prompt(spec: Mapping, image_hw: tuple[int, int], where: str,
+                 refining: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """{"box": [x0, y0, x1, y1]} and/or {"points": [[x, y], ...], "labels": [1 | 0, ...]} -> SAM tokens.
 
     Returns points (P, 2) float32 (x, y) and labels (P,) int64 (clicks, then the box corners) in the
     image's pixel frame. Anything malformed or outside the (H, W) image raises a ValueError that starts
-    with `where` (e.g. "organ 'liver' on slice 12").
+    with `where` (e.g. "organ 'liver' on slice 12"), and so does a prompt that does not say where the organ
+    is: a box of zero width or height, or negative clicks alone (allowed only when `refining` a previous
+    mask, which says where the organ is).
     """
     if not isinstance(spec, Mapping) or not ({"box", "points"} & set(spec)) or set(spec) - set(PROMPT_KEYS):
         raise ValueError(f"{where}: a prompt is {{'box': [x0, y0, x1, y1]}} and/or {{'points': [[x, y], ...], "
@@ -128,16 +143,21 @@ def parse_prompt(spec: Mapping, image_hw: tuple[int, int], where: str) -> tuple[
     points, labels = np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
     if "points" in spec:
         points = _numbers(spec["points"], (-1, 2), "points", where)
-        labels = np.asarray(spec["labels"])
-        if points.shape[0] == 0 or labels.shape != (len(points),) or not np.isin(labels, (POSITIVE, NEGATIVE)).all():
+        labels = np.asarray(spec["labels"]) if _all_numbers(spec["labels"]) else None
+        if (points.shape[0] == 0 or labels is None or labels.shape != (len(points),)
+                or not np.isin(labels, (POSITIVE, NEGATIVE)).all()):
             raise ValueError(f"{where}: give at least one point and one label per point, each 1 (positive) or 0 "
                              f"(negative); got {len(points)} points and labels {spec['labels']!r}")
     if "box" in spec:
         box = _numbers(spec["box"], (4,), "box", where)
-        if box[0] > box[2] or box[1] > box[3]:
-            raise ValueError(f"{where}: box {spec['box']} must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(f"{where}: box {spec['box']} must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1 (a box "
+                             "of zero width or height holds no organ)")
         points = np.concatenate([points, box.reshape(2, 2)])
         labels = np.concatenate([labels, [BOX_TOP_LEFT, BOX_BOTTOM_RIGHT]])
+    elif not refining and not (labels == POSITIVE).any():
+        raise ValueError(f"{where}: negative clicks alone say only where the organ is not; add a positive click "
+                         "(label 1) on the organ or a box")
     h, w = image_hw
     outside = (points < 0).any(1) | (points[:, 0] > w - 1) | (points[:, 1] > h - 1)
     if outside.any():
@@ -192,7 +212,8 @@ class MultiOrganPredictor:
         mask_inputs = dict(mask_inputs or {})
         if set(mask_inputs) - set(prompts):
             raise ValueError(f"mask_inputs for {sorted(set(mask_inputs) - set(prompts))} have no prompt")
-        tokens = {organ: parse_prompt(spec, self.original_hw, f"organ {organ!r}") for organ, spec in prompts.items()}
+        tokens = {organ: parse_prompt(spec, self.original_hw, f"organ {organ!r}", refining=organ in mask_inputs)
+                  for organ, spec in prompts.items()}
         out = {}
         for organs in ([o for o in prompts if o in mask_inputs], [o for o in prompts if o not in mask_inputs]):
             if organs:  # a mask prompt is all or nothing within one decoder call

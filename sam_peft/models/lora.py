@@ -11,17 +11,19 @@ name with no network: `load_adapter("litemedsam-phpg")`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import SamModel
 
-from .loading import check_safetensors, load_base_model, looks_like_hub_id, processor_for, read_json
+from .loading import check_safetensors, hf_image_processor, load_base_model, looks_like_hub_id, processor_for, read_json
 from .processor import SamInputProcessor
 
 # Module-name regexes (peft matches a string target_modules with re.fullmatch on the full name).
@@ -38,6 +40,7 @@ HEADS = {
     "hypernetworks": [f"output_hypernetworks_mlps.{i}" for i in range(4)],
 }
 SAM_PEFT_FILE = "sam_peft.json"
+BOX_PROMPT_ROUTES = ("adapter", "base")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapters shipped as package data: name -> the base they were trained on.
 BUNDLED_ADAPTERS = {"litemedsam-phpg": "litemedsam"}
@@ -77,7 +80,8 @@ def apply_lora(
     )
     fingerprint = base_fingerprint(model)
     processor = processor_for(model)
-    peft_model = get_peft_model(model, config)
+    with _peft_wrapping():
+        peft_model = get_peft_model(model, config)
     config.base_model_name_or_path = base_name  # peft takes the local path from the model; adapters travel
     peft_model.sam_peft_info = {"base": base_name, "base_kind": base_kind, "base_fingerprint": fingerprint,
                                 "preprocessing": processor.to_dict(),
@@ -86,6 +90,15 @@ def apply_lora(
     if verbose:
         peft_model.print_trainable_parameters()
     return peft_model
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    for peft's authors that a user of sam_peft can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def base_fingerprint(model: SamModel) -> str:
@@ -108,14 +121,17 @@ def portable(value):
 
 
 def save_adapter(model: PeftModel, output_dir: str | Path, **extra_info) -> Path:
-    """`save_pretrained` + `sam_peft.json` (`extra_info` added, see `portable`), written to a temporary
-    directory and renamed into place."""
+    """`save_pretrained` + `sam_peft.json` (`extra_info` added, see `portable`) + preprocessor_config.json
+    where SamProcessor can express the preprocessing, written to a temporary directory and renamed into place."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     model.save_pretrained(tmp, save_embedding_layers=False)  # SAM has no vocabulary: no base lookup
     info = {**getattr(model, "sam_peft_info", {}), **{key: portable(value) for key, value in extra_info.items()}}
     (tmp / SAM_PEFT_FILE).write_text(json.dumps(info, indent=2))
+    image_processor = hf_image_processor(info.get("preprocessing"))
+    if image_processor is not None:  # `SamProcessor.from_pretrained(adapter_dir)` for plain transformers users
+        image_processor.save_pretrained(tmp)
     if output_dir.exists():
         old = output_dir.with_name(output_dir.name + ".old")
         os.replace(output_dir, old)
@@ -126,8 +142,13 @@ def save_adapter(model: PeftModel, output_dir: str | Path, **extra_info) -> Path
     return output_dir
 
 
-def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_trainable: bool = False) -> PeftModel:
+def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_trainable: bool = False,
+                 box_prompts: str | None = None) -> PeftModel:
     """Rebuild base + adapter from a bundled adapter's name, an adapter directory or a Hub id.
+
+    `box_prompts`: `"adapter"` answers every prompt through the adapter; `"base"` answers box-only prompts
+    (a box, no click) through the base with the adapter switched off, at inference (`decode_regions`);
+    `None` takes the adapter's recorded choice (`box_prompts` in its sam_peft.json, else `"adapter"`).
 
     Without `base`, the recorded base is loaded when it can be found by its name (`litemedsam`, a Hub id);
     a base that was a local file or directory must be given (`base=load_base_model(path)`). Either way a
@@ -138,6 +159,7 @@ def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_traina
     info_file = adapter_dir / SAM_PEFT_FILE
     info = read_json(info_file, "sam_peft adapter record") if info_file.exists() else {}
     adapter_config = read_json(adapter_dir / "adapter_config.json", "peft adapter config")
+    box_prompts = _box_prompt_route(box_prompts, info, info_file, adapter_config)
     if (adapter_dir / ADAPTER_WEIGHTS).exists():
         check_safetensors(adapter_dir / ADAPTER_WEIGHTS, "adapter weights file")
     processor = (SamInputProcessor.from_dict(info["preprocessing"], source=f"{info_file}: preprocessing")
@@ -156,13 +178,28 @@ def load_adapter(path_or_id: str | Path, base: SamModel | None = None, is_traina
         raise ValueError(f"{info_file}: the recorded preprocessing resizes to {processor.image_size} pixels, but the "
                          f"base takes {size}")
     try:
-        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+        with _peft_wrapping():
+            model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
     except RuntimeError as err:  # shape mismatches from load_state_dict
         raise ValueError(f"{adapter_dir}: adapter does not fit base {getattr(base, 'name_or_path', '?')!r}: {err}") from err
     if processor is not None:
         model.get_base_model().sam_peft_processor = processor
     model.sam_peft_info = info
+    model.sam_peft_box_prompts = box_prompts
+    model.sam_peft_adapter = str(path_or_id)  # what evaluate records as the adapter it scored
     return model.eval()
+
+
+def _box_prompt_route(choice: str | None, info: dict, info_file: Path, adapter_config: dict) -> str:
+    """The checked `box_prompts` route: the caller's choice, else the adapter's recorded one, else "adapter"."""
+    source = "box_prompts" if choice is not None else f"{info_file}: box_prompts"
+    choice = choice if choice is not None else info.get("box_prompts", "adapter")
+    if choice not in BOX_PROMPT_ROUTES:
+        raise ValueError(f"{source} must be one of {', '.join(BOX_PROMPT_ROUTES)}, got {choice!r}")
+    if choice == "base" and "vision_encoder" in str(adapter_config.get("target_modules")):
+        raise ValueError(f"{source}: 'base' answers boxes from the base's image embeddings, but this adapter "
+                         "changes the image encoder; use 'adapter'")
+    return choice
 
 
 def _recorded_base(adapter_dir: Path, info: dict, adapter_config: dict) -> SamModel:

@@ -1,9 +1,21 @@
-"""Training: the PHPG recipe and step, the accelerate trainer, its config, the embedding cache and Hub sharing."""
-from .config import TrainConfig
-from .hub import push_to_hub, write_model_card
-from .recipe import PHPGRecipe
-from .step import PHPGStep, StepOutput, phpg_forward
-from .trainer import train
+"""Training: the PHPG recipe and step, the accelerate trainer, its config, the embedding cache and Hub sharing.
 
-__all__ = ["PHPGRecipe", "PHPGStep", "StepOutput", "TrainConfig", "phpg_forward", "push_to_hub", "train",
-           "write_model_card"]
+Names import their module on first use (`sam-peft train --help` and `push` need no torch to start)."""
+from __future__ import annotations
+
+import typing
+
+from .._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "TrainConfig": ".config", "push_to_hub": ".hub", "write_model_card": ".hub", "export_adapter": ".hub",
+    "PHPGRecipe": ".recipe", "PHPGStep": ".step", "StepOutput": ".step", "phpg_forward": ".step",
+    "train": ".trainer",
+})
+
+if typing.TYPE_CHECKING:
+    from .config import TrainConfig
+    from .hub import export_adapter, push_to_hub, write_model_card
+    from .recipe import PHPGRecipe
+    from .step import PHPGStep, StepOutput, phpg_forward
+    from .trainer import train

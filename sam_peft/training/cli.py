@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 
 import yaml
-from transformers import HfArgumentParser
 
 from ..names import did_you_mean
-from .config import TrainConfig, read_yaml
-from .hub import push_to_hub
-from .trainer import train
+
+if typing.TYPE_CHECKING:
+    from transformers import HfArgumentParser
+
+    from .config import TrainConfig
 
 TRAIN_DESCRIPTION = (
     "Fine-tune LoRA adapters with PHPG prompts and CBDP pruning. Settings come from --config (YAML), then "
@@ -30,12 +32,15 @@ NONE_WORDS = ("none", "null")
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """The `train` entry of `sam-peft`: it only routes; `parse_train_args` reads the settings, because
     their defaults depend on the --config file."""
-    return subparsers.add_parser("train", add_help=False, help="fine-tune LoRA adapters with PHPG prompts and "
-                                 "CBDP pruning (accelerate); `sam-peft train --help` lists every setting")
+    return subparsers.add_parser("train", add_help=False)
 
 
 def train_parser(prog: str = "sam-peft train") -> HfArgumentParser:
-    """One option per `TrainConfig` field, plus --config, --resume and --overwrite."""
+    """One option per `TrainConfig` field (an `HfArgumentParser`), plus --config, --resume and --overwrite."""
+    from transformers import HfArgumentParser
+
+    from .config import TrainConfig
+
     parser = HfArgumentParser(TrainConfig, prog=prog, description=TRAIN_DESCRIPTION, allow_abbrev=False,
                               usage=f"{prog} [--config YAML] [--resume] [--overwrite] [--SETTING VALUE ...]")
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings (e.g. examples/flare22.yaml)")
@@ -51,6 +56,8 @@ def train_parser(prog: str = "sam-peft train") -> HfArgumentParser:
 def parse_train_args(argv: list[str], prog: str = "sam-peft train") -> tuple[TrainConfig, argparse.Namespace]:
     """Command line -> (TrainConfig, namespace with config / resume / overwrite). Bad settings raise
     ValueError naming the setting (and the file); bad options end as argparse errors (exit 2)."""
+    from .config import TrainConfig, read_yaml
+
     pre = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     config_file = pre.parse_known_args(argv)[0].config
@@ -70,6 +77,8 @@ def parse_train_args(argv: list[str], prog: str = "sam-peft train") -> tuple[Tra
 
 def _unknown_message(unknown: list[str]) -> str:
     """'unrecognized argument --batchsize (did you mean --batch-size?)'."""
+    from .config import TrainConfig
+
     token = unknown[0]
     if not token.startswith("--"):
         return f"unexpected argument {token!r}: settings are --name value (see --help)"
@@ -99,7 +108,14 @@ def _yaml_mapping(text: str) -> dict | None:
 
 
 def run_train(argv: list[str]) -> None:
+    from accelerate.utils import is_tensorboard_available
+
+    from .trainer import train
+
     config, args = parse_train_args(argv)
+    if config.log_with == "tensorboard" and not is_tensorboard_available():  # accelerate would drop it silently
+        print("sam-peft train: warning: tensorboard is not installed, so this run logs no training curves; "
+              "pip install 'sam_peft[tensorboard]', or --log-with none to run without them", file=sys.stderr)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if result:
         print(f"best validation Dice {result['best_val_dice']:.4f}; adapter in {config.output_dir}/adapter")
@@ -107,16 +123,29 @@ def run_train(argv: list[str]) -> None:
 
 def add_push_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "push", help="upload a run's adapter and model card to the Hugging Face Hub",
-        description="Upload RUN_DIR/adapter (LoRA weights, sam_peft.json, model card) to a Hub model repository, "
-        "creating it if needed.",
+        "push", description="Upload RUN_DIR/adapter (LoRA weights, sam_peft.json, a model card naming --repo-id, "
+        "preprocessor_config.json for SAM-style preprocessing) to a Hub model repository, creating it if needed. "
+        "With --to-folder, write exactly those files to a new folder instead, with no network (upload it later "
+        "with `hf upload REPO_ID DIR`). The run's own files are never changed.",
     )
     parser.add_argument("run_dir", help="run folder from `sam-peft train` (its output_dir, holding adapter/)")
-    parser.add_argument("--repo-id", required=True, help="Hub repository to create or update, as owner/name")
+    parser.add_argument("--repo-id", help="Hub repository to create or update, as owner/name (required unless "
+                        "--to-folder; with it, the repository the card's usage lines load from)")
+    parser.add_argument("--to-folder", metavar="DIR", help="write what would be uploaded to the new folder DIR "
+                        "instead of uploading (offline)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", help="Hub token (default: the logged-in user's)")
     return parser
 
 
 def run_push(args: argparse.Namespace) -> None:
-    print(push_to_hub(args.run_dir, args.repo_id, token=args.token, private=args.private))
+    if not (args.repo_id or args.to_folder):
+        raise ValueError("--repo-id is required to upload (or write the files to a folder with --to-folder DIR)")
+    from .hub import export_adapter, push_to_hub
+
+    if args.to_folder:
+        folder = export_adapter(args.run_dir, args.to_folder, repo_id=args.repo_id)
+        print(f"wrote the files to upload to {folder}" + (f"; upload them with `hf upload {args.repo_id} {folder}`"
+                                                           if args.repo_id else ""))
+    else:
+        print(push_to_hub(args.run_dir, args.repo_id, token=args.token, private=args.private))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import os
 import types
@@ -237,12 +238,19 @@ def _typed(name: str, value, hint):
         return os.fspath(value)
     if hint in (int, float) and isinstance(value, str):
         try:
-            return hint(value)
+            value = hint(value)  # then checked as a number below
         except ValueError:
             pass
     number = numbers.Integral if hint is int else numbers.Real
     if hint in (int, float) and isinstance(value, number) and not isinstance(value, bool):
-        return hint(value)
+        return _finite(name, hint(value))
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
         raise ValueError(f"{name} must be {_KINDS[hint]}, got {value!r}")
+    return value
+
+
+def _finite(name: str, value):
+    """inf and nan pass every range check (`inf > 0`) and then train NaN weights: refused by name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     return value
