@@ -24,7 +24,7 @@ from ..models.lora import HEADS, PRESETS
 from ..names import did_you_mean
 from ..prompts.behaviours import BEHAVIOURS
 from ..prompts.collator import MIN_PIXELS
-from ..pruning import BUDGETS, STRATEGIES
+from ..pruning import BUDGETS, MAX_WEIGHT, ORGAN_FLOOR, STRATEGIES
 
 LORA_PRESETS = tuple(PRESETS)
 
@@ -73,6 +73,14 @@ class TrainConfig:
     prune_budget: Literal[BUDGETS] = HfArg(default="pool", help="prune_ratio of the well-learned slices (pool) or "
                                            "of all slices (dataset, the paper's budget)")
     anneal: float = HfArg(default=0.875, help="fraction of the epochs that prune; the rest see all data")
+    prune_ema: float = HfArg(default=0.5, help="cbdp: weight of the old value in the EMA of region scores and "
+                             "organ losses, in [0, 1) (0: the latest epoch only)")
+    prune_warm_start: bool = HfArg(default=True, help="score every slice once (no gradients, one round) before "
+                                   "epoch 0, so epoch 0 prunes too (cbdp, infobatch)")
+    prune_organ_floor: float = HfArg(default=ORGAN_FLOOR, help="cbdp: least organ factor (an organ's loss over "
+                                     "the mean organ's) in a slice's keep probability, in (0, 1]")
+    prune_max_weight: float = HfArg(default=MAX_WEIGHT, help="largest loss weight of a kept slice (1 / its keep "
+                                    "probability), > 1")
     # optimisation
     epochs: int = HfArg(default=10, help="passes over the training data")
     max_steps: int | None = HfArg(default=None, help="stop after this many optimizer steps (none: run all epochs)")
@@ -160,6 +168,12 @@ class TrainConfig:
             (self.min_pixels >= 1, f"min_pixels must be >= 1, got {self.min_pixels}"),
             (0 <= self.prune_ratio < 1, f"prune_ratio must be in [0, 1), got {self.prune_ratio}"),
             (0 <= self.anneal <= 1, f"anneal must be in [0, 1], got {self.anneal}"),
+            (0 <= self.prune_ema < 1, f"prune_ema must be in [0, 1), got {self.prune_ema}"),
+            (0 < self.prune_organ_floor <= 1, f"prune_organ_floor must be in (0, 1], got {self.prune_organ_floor}"),
+            (self.prune_max_weight > 1, f"prune_max_weight must be > 1, got {self.prune_max_weight}"),
+            (self.pruning != "infobatch" or self.prune_budget == "pool",
+             "prune_budget 'dataset' does not apply to pruning infobatch (it drops prune_ratio of its below-mean "
+             "pool); use prune_budget: pool"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1,
              f"max_steps must be >= 1 (or none to run all epochs), got {self.max_steps}"),
@@ -182,12 +196,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        pruned_epochs = int(self.anneal * self.epochs)
-        if self.pruning != "none" and self.prune_ratio > 0 and pruned_epochs < 2:
+        pruned_epochs = math.ceil(self.anneal * self.epochs)  # epochs e < anneal * epochs prune
+        scored_first = self.prune_warm_start or self.pruning == "random"
+        if self.pruning != "none" and self.prune_ratio > 0 and pruned_epochs < (1 if scored_first else 2):
             raise ValueError(
                 f"pruning={self.pruning!r} with epochs={self.epochs} and anneal={self.anneal} leaves "
-                f"{pruned_epochs} epoch(s) before annealing: the first epoch only scores samples, so nothing "
-                "would be pruned. Raise epochs or anneal, or set pruning: none"
+                f"{pruned_epochs} epoch(s) before annealing"
+                + ("" if scored_first else " and without prune_warm_start the first epoch only scores samples")
+                + ", so nothing would be pruned. Raise epochs or anneal, or set pruning: none"
             )
 
 

@@ -38,9 +38,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data import read_metadata
 from ..prompts import BEHAVIOURS, PHPGCollator
 from ..prompts.collator import MIN_PIXELS
-from ..pruning import CBDPSampler
+from ..pruning import MAX_WEIGHT, ORGAN_FLOOR, CBDPSampler
 from .distill import DistilledStep
 from .step import PHPGStep, StepOutput
+from .warm_start import score_before_training
 
 CLICK_SEED_STRIDE = 1_000_003  # refinement clicks of optimizer step s draw from seed * stride + s
 
@@ -106,7 +107,9 @@ class PHPGRecipe:
         max_regions: organs decoded per slice, sampled (None: all).
         min_pixels: pixels an organ needs on a slice to become a region and a CBDP group member; raised to
             prepare's threshold when that is higher (`organ_threshold`).
-        pruning, prune_ratio, prune_budget, anneal, num_epochs: the CBDP sampler's policy.
+        pruning, prune_ratio, prune_budget, anneal, num_epochs, prune_ema, prune_organ_floor, prune_max_weight:
+            the CBDP sampler's policy (`CBDPSampler`'s strategy, prune_ratio, budget, anneal, num_epochs, ema,
+            organ_floor, max_weight).
         seed: seeds data order, prompts and refinement clicks.
         distill_weight, distill_boxes: distillation from the frozen base (0: off).
         image_embeddings: (N, C, h, w) cached encoder output indexed by sample_id (frozen encoder); batches
@@ -118,6 +121,7 @@ class PHPGRecipe:
                  behaviours: Mapping[str, float] | Sequence[str] | None = None, rounds: int = 3,
                  max_regions: int | None = None, min_pixels: int = MIN_PIXELS, pruning: str = "cbdp",
                  prune_ratio: float = 0.5, prune_budget: str = "pool", anneal: float = 0.875, num_epochs: int = 1,
+                 prune_ema: float = 0.5, prune_organ_floor: float = ORGAN_FLOOR, prune_max_weight: float = MAX_WEIGHT,
                  seed: int = 0, distill_weight: float = 0.0, distill_boxes: int = 4,
                  image_embeddings: torch.Tensor | None = None, num_replicas: int | None = 1, rank: int | None = 0):
         self.organ_names = tuple(organ_names)
@@ -128,7 +132,8 @@ class PHPGRecipe:
         self.min_pixels = organ_threshold(min_pixels, train_set)
         self.sampler = CBDPSampler(organs_per_sample(train_set, self.min_pixels), num_epochs=num_epochs,
                                    prune_ratio=prune_ratio, anneal=anneal, seed=seed, strategy=pruning,
-                                   budget=prune_budget, num_replicas=num_replicas, rank=rank)
+                                   budget=prune_budget, ema=prune_ema, organ_floor=prune_organ_floor,
+                                   max_weight=prune_max_weight, num_replicas=num_replicas, rank=rank)
         self.collator = PHPGCollator(processor, self.organ_names, behaviours=behaviours, max_regions=max_regions,
                                      min_pixels=self.min_pixels, seed=seed, include_pixels=image_embeddings is None)
 
@@ -139,7 +144,8 @@ class PHPGRecipe:
         return cls(processor, organ_names, train_set, behaviours=config.behaviours, rounds=config.rounds,
                    max_regions=config.max_regions, min_pixels=config.min_pixels, pruning=config.pruning,
                    prune_ratio=config.prune_ratio, prune_budget=config.prune_budget, anneal=config.anneal,
-                   num_epochs=config.epochs, seed=config.seed, distill_weight=config.distill_weight,
+                   num_epochs=config.epochs, prune_ema=config.prune_ema, prune_organ_floor=config.prune_organ_floor,
+                   prune_max_weight=config.prune_max_weight, seed=config.seed, distill_weight=config.distill_weight,
                    distill_boxes=config.distill_boxes, image_embeddings=image_embeddings)
 
     # ------------------------------------------------------------------------------------------ data
@@ -172,10 +178,9 @@ class PHPGRecipe:
         """Samples the sampler aims to keep in `epoch` (sizes learning-rate schedules before epochs are planned).
 
         Returns:
-            The policy's budget for `epoch` when the sampler states one, else the training split's size.
+            The sampler's budget for `epoch` (the training split's size without pruning).
         """
-        planned = getattr(self.sampler, "planned_num_samples", None)
-        return planned(epoch) if planned is not None else len(self.train_set)
+        return self.sampler.planned_num_samples(epoch)
 
     def planned_steps(self, batch_size: int, grad_accum: int = 1, num_processes: int = 1) -> int:
         """Optimizer steps of the whole run as planned (`planned_num_samples` summed over the epochs).
@@ -186,6 +191,17 @@ class PHPGRecipe:
         per_step = batch_size * num_processes
         return sum(math.ceil(math.ceil(self.planned_num_samples(e) / per_step) / grad_accum)
                    for e in range(self.sampler.num_epochs))
+
+    def score_before_training(self, model: nn.Module, batch_size: int = 8, device="cpu", progress: bool = True) -> int:
+        """Score every training slice once (no gradients, one round) so the sampler can prune epoch 0 too; call
+        before the first `on_epoch` of a run that does not resume. Collective under torch.distributed.
+
+        Returns:
+            The number of regions this process scored.
+        """
+        return score_before_training(model, self.prepare_dataset(), self.collator, self.sampler, list(self.organ_names),
+                                     image_embeddings=self.image_embeddings, batch_size=batch_size, device=device,
+                                     progress=progress)
 
     # ------------------------------------------------------------------------------------------ loss
 

@@ -208,6 +208,9 @@ def _train(accelerator: Accelerator, config: TrainConfig, checkpoints: Checkpoin
     if resume:
         checkpoints.resume(accelerator, candidates)
     accelerator.init_trackers("sam_peft", config={k: str(v) for k, v in config.to_dict().items()})
+    if config.pruning in ("cbdp", "infobatch") and config.prune_warm_start and not resume:  # epoch 0 prunes too
+        recipe.score_before_training(accelerator.unwrap_model(step).model, batch_size=config.batch_size,
+                                     device=accelerator.device, progress=accelerator.is_local_main_process)
     validation = partial(_validate, accelerator, step, val_set, config, progress, val_cached)
 
     done = bool(config.max_steps) and progress.step >= config.max_steps
