@@ -1,4 +1,4 @@
-"""Training: the PHPG step, the accelerate trainer, its config, the embedding cache and Hub sharing.
+"""Training: the PHPG recipe and step, the accelerate trainer, its config, the embedding cache and Hub sharing.
 
 Names import their module on first use (`sam-peft train --help` and `push` need no torch to start)."""
 from __future__ import annotations
@@ -9,11 +9,13 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "TrainConfig": ".config", "push_to_hub": ".hub", "write_model_card": ".hub", "export_adapter": ".hub",
-    "PHPGStep": ".step", "StepOutput": ".step", "phpg_forward": ".step", "train": ".trainer",
+    "PHPGRecipe": ".recipe", "PHPGStep": ".step", "StepOutput": ".step", "phpg_forward": ".step",
+    "train": ".trainer",
 })
 
 if typing.TYPE_CHECKING:
     from .config import TrainConfig
     from .hub import export_adapter, push_to_hub, write_model_card
+    from .recipe import PHPGRecipe
     from .step import PHPGStep, StepOutput, phpg_forward
     from .trainer import train
