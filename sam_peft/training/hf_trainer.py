@@ -1,0 +1,151 @@
+"""`PHPGTrainer`: `transformers.Trainer` driven by a `PHPGRecipe`, for projects built around the Trainer.
+
+What the plain Trainer cannot do with PHPG batches, and what this subclass changes:
+- data: the train DataLoader uses the recipe's collator and its CBDP plan (one unsharded plan per process;
+  accelerate, inside the Trainer, shards the batches) and never drops dataset columns, so
+  `remove_unused_columns` does not apply;
+- epochs: the recipe's `on_epoch` plans each epoch before it starts, and the loop runs each epoch for its
+  own (pruned) length, so a last incomplete gradient-accumulation window still steps;
+- loss: `compute_loss` is the recipe's loss, divided by the region count of the whole accumulated batch
+  across processes (`num_items_in_batch`, counted from `region_valid`, as the Trainer counts tokens);
+- schedule: sized from the steps the pruning policy plans (`planned_num_samples`), not from full epochs,
+  so a pruned run's learning rate still decays to its end;
+- saving: `save_model`, checkpoints and `push_to_hub` write a sam_peft adapter (`load_adapter(dir)`).
+
+The model given is the PEFT model (`apply_lora`); the Trainer trains a module around it whose forward is
+the recipe's loss, so DDP under `accelerate launch` syncs the gradients of the whole PHPG step.
+Validation is not the Trainer's (a loss on PHPG batches says little): run `sam_peft.evaluate` on the
+saved adapter. Resuming from a Trainer checkpoint is refused: it would not hold the CBDP scores.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from ..models import save_adapter
+
+__all__ = ["PHPGTrainer"]
+
+
+class PHPGTrainer(Trainer):
+    """A `transformers.Trainer` for PHPG + CBDP LoRA fine-tuning; everything else (TrainingArguments,
+    logging, callbacks, checkpoints, Hub push) is the Trainer's.
+
+    Args:
+        model: the PEFT model from `sam_peft.apply_lora` (or `load_adapter(..., is_trainable=True)`).
+        args: the TrainingArguments. Without `max_steps`, `num_train_epochs` must equal the recipe's epochs
+            (its pruning anneals over them); with `max_steps`, training takes exactly that many steps.
+        recipe: the `PHPGRecipe` built on the training split (`recipe.train_set`), with the sampler unsharded
+            (its default `num_replicas=1, rank=0`).
+        adapter_info: extra entries for the saved adapter's `sam_peft.json` (e.g. `label_map`, `data`);
+            the organ names are always recorded.
+        kwargs: any other `Trainer` argument (callbacks, optimizers, ...), except `train_dataset` (the
+            recipe's) and `eval_dataset`.
+    """
+
+    def __init__(self, model: PeftModel, args: TrainingArguments, recipe, *, adapter_info: dict | None = None,
+                 **kwargs):
+        if not isinstance(model, PeftModel):
+            raise ValueError(f"model must be the PEFT model from sam_peft.apply_lora, got {type(model).__name__}")
+        for name, why in (("train_dataset", "the recipe's training split is trained on"),
+                          ("eval_dataset", "run sam_peft.evaluate on the saved adapter (simulated-user Dice)")):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name}: PHPGTrainer takes none; {why}")
+        if args.dataloader_persistent_workers:
+            raise ValueError("dataloader_persistent_workers: the collator's epoch would not reach persistent "
+                             "workers; leave it False")
+        if args.dataloader_drop_last:
+            raise ValueError("dataloader_drop_last: a CBDP epoch plan is trained whole; leave it False")
+        self.recipe = recipe
+        self.peft_model = model
+        self.adapter_info = {"organ_names": list(recipe.organ_names), **(adapter_info or {})}
+        super().__init__(model=recipe.step_module(model), args=args, train_dataset=recipe.prepare_dataset(),
+                         **kwargs)
+        # compute_loss divides by the regions of the whole accumulated batch: no further division by the
+        # accumulation steps
+        self.model_accepts_loss_kwargs = True
+
+    # ---- data and loss ----
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The recipe's loader (its epoch plan, PHPG batches), sharded over the processes by accelerate."""
+        return self.accelerator.prepare(self.recipe.dataloader(self._train_batch_size,
+                                                               num_workers=self.args.dataloader_num_workers))
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The next accumulation window's batches and their (regions, slices) summed over every process:
+        the `num_items_in_batch` that `compute_loss` normalises by."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        totals = torch.zeros(2, device=device)
+        for batch in batches:
+            totals += self.recipe.count(batch).to(device)
+        if self.accelerator.num_processes > 1:  # every process holds a window of the same length
+            totals = self.accelerator.reduce(totals, "sum")
+        return batches, totals
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        out = self.recipe.loss(model, inputs, totals=num_items_in_batch, step=self.state.global_step,
+                               return_outputs=return_outputs)
+        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            scale = self.accelerator.num_processes  # DDP averages gradients over the processes
+            out = (out[0] * scale, out[1]) if return_outputs else out * scale
+        return out
+
+    # ---- epochs and schedule ----
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader):
+        """Epochs and optimizer steps from the pruning plan: the loop bound is a full epoch, the step count
+        (and so the learning-rate schedule) is the planned steps, or `max_steps`."""
+        num_samples = len(self.train_dataset)
+        processes, accumulation = self.accelerator.num_processes, args.gradient_accumulation_steps
+        full_micro = math.ceil(num_samples / (self._train_batch_size * processes))
+        epochs = self.recipe.sampler.num_epochs
+        if args.max_steps > 0:
+            max_steps, num_train_epochs = args.max_steps, sys.maxsize  # as the Trainer does without epochs
+        elif args.num_train_epochs != epochs:
+            raise ValueError(f"num_train_epochs={args.num_train_epochs} differs from the recipe's {epochs} epochs "
+                             "(its pruning anneals over them): set the same number in both, or set max_steps")
+        else:
+            max_steps = self.recipe.planned_steps(self._train_batch_size, accumulation, processes)
+            num_train_epochs = epochs
+        total_batch = self.get_total_train_batch_size(args)
+        return (num_train_epochs, math.ceil(full_micro / accumulation), num_samples, max_steps * total_batch,
+                total_batch, full_micro, max_steps)
+
+    def _run_epoch(self, *, epoch: int, train_dataloader, **kwargs):
+        """Plan the epoch, then run it for its own length: a pruned epoch ends its last accumulation window
+        with an optimizer step instead of carrying its gradient into the next epoch."""
+        self.recipe.on_epoch(epoch)
+        micro = len(train_dataloader)
+        kwargs.update(steps_in_epoch=micro,
+                      num_update_steps_per_epoch=math.ceil(micro / self.args.gradient_accumulation_steps))
+        return super()._run_epoch(epoch=epoch, train_dataloader=train_dataloader, **kwargs)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            raise ValueError("resume_from_checkpoint: PHPGTrainer cannot resume (Trainer checkpoints do not hold "
+                             "the CBDP scores); start a new run")
+        return super().train(**kwargs)
+
+    # ---- saving ----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write a sam_peft adapter into `output_dir`, next to what is there (checkpoints, logs)."""
+        if not self.args.should_save:
+            return
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".adapter.", dir=output_dir) as tmp:
+            staged = save_adapter(self.peft_model, Path(tmp) / "adapter", **self.adapter_info)
+            for path in staged.iterdir():
+                os.replace(path, output_dir / path.name)
+        torch.save(self.args, output_dir / TRAINING_ARGS_NAME)
