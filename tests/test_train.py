@@ -86,6 +86,16 @@ def test_train_end_to_end_writes_adapter_card_and_metrics(setup, tmp_path):
         train(TrainConfig.from_dict(_config(setup, out)))
 
 
+def test_train_reproduces_the_reference_adapter(setup, tmp_path):
+    """tests/data/train_reference_adapter.safetensors is the final adapter of this run made by the trainer
+    before it was built on `PHPGRecipe` (one process, grad_accum 1, 2 rounds with seeded refinement clicks,
+    max_steps 5 of 2 planned epochs of 6 steps): the refactored loop takes the same steps."""
+    out = tmp_path / "run"
+    train(TrainConfig.from_dict(_config(setup, out, epochs=2, pruning="none", grad_accum=1, max_steps=5)))
+    expected = load_file(str(REPO / "tests" / "data" / "train_reference_adapter.safetensors"))
+    _assert_same_adapter(expected, _adapter_weights(out), rtol=0, atol=1e-6)
+
+
 def test_embedding_cache_encodes_on_the_models_device(setup):
     """The meta device stands in for a GPU: with the weights there, the pixels must reach the encoder there too
     (they used to go to a separate device argument, and on a GPU the default run died before its first step)."""
@@ -150,7 +160,8 @@ def _launch(config: dict, path: Path, processes: int = 1, *extra: str) -> subpro
     """`sam-peft train` in a new session (so a kill reaches every process), on the CPU; under
     `accelerate launch` (gloo) for several processes."""
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    path_ = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path_}
     head = [sys.executable]
     if processes > 1:
         head = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes",

@@ -12,11 +12,20 @@ import numpy as np
 import torch
 from scipy.ndimage import binary_erosion, distance_transform_edt
 
+EVAL_MIN_PIXELS = 100  # an organ instance is evaluated on a slice from this many pixels
+
 
 def dice_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bool (..., H, W) masks -> (intersection, predicted, target) pixel counts (...): what Dice sums up."""
     inter = (pred & target).flatten(-2).sum(-1)
     return inter, pred.flatten(-2).sum(-1), target.flatten(-2).sum(-1)
+
+
+def dice_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice of bool (..., H, W) masks as a float tensor (...) on their device; 1 where both masks are empty."""
+    inter, predicted, total = (c.float() for c in dice_counts(pred, target))
+    total = predicted + total
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
 def dice_from_counts(inter, pred, target):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import SamModel
 
-PAD_LABEL = -1
+PAD_LABEL = -1  # SAM's "not a point" token: padding in prompts
 
 
 def sam_of(model) -> SamModel:

@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from ..models.decoding import PAD_LABEL
 from ..models.processor import LOW_RES, SamInputProcessor
 from .behaviours import BEHAVIOURS, BehaviourMixture, make_prompt
 
-PAD_LABEL = -1  # SAM's "not a point" token
+MIN_PIXELS = 10  # pixels an organ needs on a slice to be prompted in training (evaluation: EVAL_MIN_PIXELS)
 
 
 class PHPGCollator:
@@ -41,7 +42,7 @@ class PHPGCollator:
         organ_names: Sequence[str],
         behaviours: Mapping[str, float] | Sequence[str] | None = None,
         max_regions: int | None = None,
-        min_pixels: int = 10,
+        min_pixels: int = MIN_PIXELS,
         seed: int = 0,
         max_points: int | None = None,
         include_pixels: bool = True,

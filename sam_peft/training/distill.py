@@ -42,9 +42,10 @@ def random_boxes(original_sizes: torch.Tensor, input_size: int, boxes: int,
 
 
 def distillation_loss(model, batch: dict[str, torch.Tensor], boxes: int, image_embeddings: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mean Dice + BCE of the adapter's logits against the frozen base's masks for random boxes (the PHPG
-    loss, with the base's answer in place of a label)."""
+                      generator: torch.Generator | None = None, num_images: float | None = None) -> torch.Tensor:
+    """Dice + BCE of the adapter's logits against the frozen base's masks for random boxes (the PHPG loss, with
+    the base's answer in place of a label), summed and divided by `num_images` x `boxes`: the mean over the
+    boxes of the whole optimizer step (every micro-batch on every process); None: of this batch."""
     sam = sam_of(model)
     points, labels = random_boxes(batch["original_sizes"], sam.prompt_encoder.input_image_size, boxes, generator)
     with torch.no_grad(), model.disable_adapter():
@@ -53,7 +54,8 @@ def distillation_loss(model, batch: dict[str, torch.Tensor], boxes: int, image_e
         teacher, _ = decode_regions(model, teacher_embeddings, points, labels)
     student_embeddings = image_embeddings if image_embeddings is not None else encode_images(model, batch["pixel_values"])
     student, _ = decode_regions(model, student_embeddings, points, labels)
-    return segmentation_loss(student.float(), teacher > 0).mean()
+    images = len(points) if num_images is None else max(num_images, 1)
+    return segmentation_loss(student.float(), teacher > 0).sum() / (images * boxes)
 
 
 class DistilledStep(PHPGStep):
@@ -66,9 +68,10 @@ class DistilledStep(PHPGStep):
         self.weight = weight
         self.boxes = boxes
 
-    def forward(self, batch, image_embeddings=None, sample_weights=None, generator=None) -> StepOutput:
-        out = super().forward(batch, image_embeddings, sample_weights, generator)
+    def forward(self, batch, image_embeddings=None, sample_weights=None, generator=None, num_regions=None,
+                num_images=None) -> StepOutput:
+        out = super().forward(batch, image_embeddings, sample_weights, generator, num_regions)
         if not self.training or not self.weight:
             return out
-        extra = distillation_loss(self.model, batch, self.boxes, image_embeddings, generator)
+        extra = distillation_loss(self.model, batch, self.boxes, image_embeddings, generator, num_images)
         return dataclasses.replace(out, loss=out.loss + self.weight * extra)

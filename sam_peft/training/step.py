@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..evaluation.metrics import dice_score
 from ..models.decoding import PAD_LABEL, decode_regions, encode_images, sam_of
 from ..prompts.clicks import PERFECT, next_clicks
 
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # scalar, weighted mean over valid regions and rounds
+    loss: torch.Tensor  # scalar: weighted region losses summed, over regions (`num_regions`) x rounds
     region_losses: torch.Tensor  # (B, K) detached mean loss per region over rounds (CBDP scores)
     region_dice: torch.Tensor  # (B, K) detached Dice of the final round
     low_res_logits: torch.Tensor  # (B, K, 256, 256) final-round logits, detached
@@ -86,6 +87,7 @@ def phpg_forward(
     generator: torch.Generator | None = None,
     regions_per_forward: int | None = None,
     checkpoint_rounds: bool = True,
+    num_regions: float | None = None,
 ) -> StepOutput:
     """Run the multi-region iterative step on a collated PHPG batch (see `PHPGCollator`).
 
@@ -93,6 +95,8 @@ def phpg_forward(
     `batch["pixel_values"]` once per image (once per chunk of `regions_per_forward` regions: the baseline).
     sample_weights: (B,) CBDP loss weights. checkpoint_rounds: recompute each round's decoder pass in backward
     instead of keeping its activations (memory flat in `rounds`); only matters when gradients are on.
+    num_regions: the regions the loss is normalised by: those of the whole optimizer step (every micro-batch
+    on every process), so the step equals one large batch's; None: this batch's valid regions.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -107,11 +111,9 @@ def phpg_forward(
     region_loss = torch.cat([p[0] for p in parts], dim=1)  # (B, K) summed over rounds
     logits = torch.cat([p[1] for p in parts], dim=1)
     weights = valid.float() if sample_weights is None else valid.float() * sample_weights[:, None].float()
-    loss = (region_loss * weights).sum() / (valid.sum().clamp(min=1) * rounds)
-    targets = batch["targets"]
-    pred = logits > 0
-    inter = (pred & targets).flatten(2).sum(-1).float()
-    dice = 2 * inter / (pred.flatten(2).sum(-1) + targets.flatten(2).sum(-1)).clamp(min=1)
+    regions = valid.sum().clamp(min=1) if num_regions is None else max(num_regions, 1)
+    loss = (region_loss * weights).sum() / (regions * rounds)
+    dice = dice_score(logits > 0, batch["targets"].bool())
     return StepOutput(loss=loss, region_losses=(region_loss / rounds).detach() * valid,
                       region_dice=dice.detach() * valid, low_res_logits=logits.detach())
 
@@ -158,7 +160,10 @@ class PHPGStep(nn.Module):
         self.regions_per_forward = regions_per_forward
         self.checkpoint_rounds = checkpoint_rounds
 
-    def forward(self, batch, image_embeddings=None, sample_weights=None, generator=None) -> StepOutput:
+    def forward(self, batch, image_embeddings=None, sample_weights=None, generator=None, num_regions=None,
+                num_images=None) -> StepOutput:
+        """`phpg_forward`; `num_images` (the step's slices) is for subclasses adding per-slice terms."""
         return phpg_forward(self.model, batch, self.rounds, image_embeddings, sample_weights,
                             random_clicks=self.training, generator=generator,
-                            regions_per_forward=self.regions_per_forward, checkpoint_rounds=self.checkpoint_rounds)
+                            regions_per_forward=self.regions_per_forward, checkpoint_rounds=self.checkpoint_rounds,
+                            num_regions=num_regions)

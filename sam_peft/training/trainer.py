@@ -1,16 +1,16 @@
-"""`train(config)`: PHPG batches, CBDP sampling and LoRA adapters on `accelerate`.
+"""`train(config)`: the PHPG recipe on `accelerate`.
 
-The same code runs on one CPU, one GPU, or several processes under `accelerate launch`, and accelerate
-carries the loop: the DataLoader over the CBDP plan is prepared (accelerate shards its batches over the
-processes and marks the epoch's end, so a last incomplete accumulation window still steps), `accumulate`
-and `sync_gradients` decide the optimizer steps, `skip_first_batches` continues a resumed epoch, `reduce`
-combines the logged metrics and `save_state` checkpoints the model, optimizer, RNGs, CBDP sampler and loop
-position. Every process holds the same CBDP plan (the sampler gathers every process's losses before it
-plans an epoch), so the sampler itself does not shard.
+The same loop runs on one CPU, one GPU, or several processes under `accelerate launch`. `PHPGRecipe` brings
+the PHPG batches, the CBDP plan and the loss; accelerate shards the prepared DataLoader over the processes
+(the recipe's sampler yields the whole plan on each, as every process holds the same CBDP plan), steps the
+learning-rate schedule, continues a resumed epoch (`skip_first_batches`), reduces the logged metrics and
+checkpoints the model, optimizer, schedule, RNGs, sampler and loop position (`save_state`).
 
-Validation runs on the main process while the others wait at a barrier: the process-group timeout is raised
-to `VALIDATION_TIMEOUT` so a large validation set does not trip the collective timeout (NCCL's default is
-10 minutes); validation sets that take longer than that should be subsampled.
+One optimizer step takes `grad_accum` micro-batches on every process. Their region counts are added up over
+the step first, and each micro-batch's loss is its share of the step's loss, so accumulation and several
+processes take the step one large batch would, whatever the number of regions in each micro-batch. DDP
+averages gradients over the processes, hence the factor `num_processes` on each micro-batch's loss.
+Validation is shared out over the processes as well (`validation.validate`).
 """
 from __future__ import annotations
 
@@ -19,65 +19,30 @@ import math
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from datasets import DatasetDict
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..data import load_prepared, phantom_dataset, read_metadata
 from ..io import atomic_path
 from ..models import apply_lora, load_base_model, processor_for, save_adapter
-from ..prompts import PHPGCollator
-from ..pruning import CBDPSampler
 from .config import TrainConfig
-from .distill import DistilledStep
 from .embedding_cache import image_embeddings
 from .hub import write_model_card
-from .step import PHPGStep
+from .recipe import PHPGRecipe
+from .validation import organ_mean_dice, validate
 
-VALIDATION_TIMEOUT = timedelta(hours=2)
-
-
-class _Rows(Dataset):
-    """Prepared slices with their row index as `sample_id` (the key for CBDP scores and cached embeddings)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset.select_columns(["image", "label"]).with_format("numpy")
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[int(index)], "sample_id": int(index)}
-
-
-class _Plan(Sampler[int]):
-    """The CBDP sampler's current epoch plan, without its `set_epoch`.
-
-    accelerate's prepared DataLoader calls `set_epoch(<its pass count>)` on the sampler it finds, which
-    would fold in the losses and plan again; the trainer sets CBDP's epoch itself, and never mid-epoch, as a
-    resumed epoch must keep the plan it was checkpointed with.
-    """
-
-    def __init__(self, cbdp: CBDPSampler):
-        self.cbdp = cbdp
-
-    def __iter__(self):
-        return iter(self.cbdp)
-
-    def __len__(self) -> int:
-        return len(self.cbdp)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -87,7 +52,7 @@ class Progress:
     epoch: int = 0
     batch: int = 0  # micro-batches this process has done in `epoch` (what a resume skips)
     step: int = 0  # optimizer steps overall
-    best: float = -math.inf
+    best: float | None = None  # the best validation score (organ-mean Dice) so far
     train_seconds: float = 0.0  # time spent in training steps (not validation), across resumes
     history: list = field(default_factory=list)
 
@@ -113,19 +78,17 @@ def load_data(config: TrainConfig) -> tuple[DatasetDict, dict]:
     return data, read_metadata(data)
 
 
-def lr_at(progress: float, config: TrainConfig) -> float:
-    """Learning rate at a fraction of training: linear warmup, then cosine / poly decay or constant.
-
-    Driven by the fraction of epochs done, not a step count, so CBDP's shorter epochs decay the same way.
-    """
+def lr_factor(progress: float, config: TrainConfig) -> float:
+    """Share of the peak learning rate at a fraction of training: linear warmup, then cosine / poly decay or
+    constant."""
     if progress < config.warmup_ratio:
-        return config.lr * progress / config.warmup_ratio
+        return progress / config.warmup_ratio
     rest = (progress - config.warmup_ratio) / max(1e-8, 1 - config.warmup_ratio)
     if config.schedule == "cosine":
-        return config.lr * 0.5 * (1 + math.cos(math.pi * min(rest, 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * min(rest, 1.0)))
     if config.schedule == "poly":
-        return config.lr * (1 - min(rest, 1.0)) ** 0.9
-    return config.lr
+        return (1 - min(rest, 1.0)) ** 0.9
+    return 1.0
 
 
 class Checkpoints:
@@ -208,13 +171,15 @@ def _trained_run(output: Path) -> bool:
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune, validate each `eval_every` epochs, keep the best adapter; returns the final metrics.
 
-    On KeyboardInterrupt it prints where the run stands and how to continue, then re-raises.
+    On KeyboardInterrupt it prints where the run stands and how to continue, then re-raises. A loss that is
+    no longer finite stops the run with FloatingPointError before that step changes the weights; checkpoints
+    and adapters written before it are kept.
     """
     config.validate()
     output = Path(config.output_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with,
-                              project_dir=str(output), gradient_accumulation_steps=config.grad_accum,
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=VALIDATION_TIMEOUT)])
+    # mixed precision is autocast per step (below), not an accelerate setting: accelerate fixes that once per
+    # process, and one process may run several trainings with different settings
+    accelerator = Accelerator(log_with=config.log_with, project_dir=str(output))
     checkpoints = Checkpoints(output, config.keep_checkpoints)
     try:
         return _train(accelerator, config, checkpoints, resume, overwrite)
@@ -222,21 +187,96 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         if accelerator.is_main_process:
             print(f"\ntraining interrupted; {checkpoints.where()}", file=sys.stderr)
         raise
-    finally:
-        # accelerate keeps its settings process-wide: a later train() in this process may choose others
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
 
 
 def _train(accelerator: Accelerator, config: TrainConfig, checkpoints: Checkpoints, resume: bool,
            overwrite: bool) -> dict:
-    from ..evaluation import evaluate
+    model, recipe, val_set, val_cached, meta, candidates = _setup(accelerator, config, checkpoints, resume, overwrite)
+    step = recipe.step_module(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    # sized for one process: accelerate steps a prepared schedule once per process at each optimizer step
+    planned = recipe.planned_steps(config.batch_size, config.grad_accum)
+    scheduler = LambdaLR(optimizer, lambda done: lr_factor(done / planned, config))
+    step, optimizer, loader, scheduler = accelerator.prepare(
+        step, optimizer, recipe.dataloader(config.batch_size, config.num_workers), scheduler)
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=config.mixed_precision == "fp16")
+    autocast = partial(torch.autocast, accelerator.device.type, dtype=AUTOCAST.get(config.mixed_precision),
+                       enabled=config.mixed_precision in AUTOCAST)
+    progress = Progress()
+    accelerator.register_for_checkpointing(recipe.sampler, progress, scaler)
+    if resume:
+        checkpoints.resume(accelerator, candidates)
+    accelerator.init_trackers("sam_peft", config={k: str(v) for k, v in config.to_dict().items()})
+    validation = partial(_validate, accelerator, step, val_set, config, progress, val_cached)
 
+    done = bool(config.max_steps) and progress.step >= config.max_steps
+    validated_at = None  # the optimizer step of the latest validation
+    while progress.epoch < config.epochs and not done:
+        recipe.on_epoch(progress.epoch, plan=progress.batch == 0)  # a resumed epoch keeps its plan
+        n_batches = len(loader)  # this process's micro-batches this epoch
+        batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
+        bar = tqdm(total=n_batches, initial=progress.batch, desc=f"epoch {progress.epoch + 1}/{config.epochs}",
+                   disable=not accelerator.is_local_main_process)
+        step.train()
+        for window in _windows(batches, config.grad_accum):
+            started = time.perf_counter()
+            totals = accelerator.reduce(sum(recipe.count(batch) for batch in window), "sum")  # regions, slices
+            logged = torch.zeros(2, device=accelerator.device)  # the step's loss, Dice summed over regions
+            for i, batch in enumerate(window):
+                with accelerator.no_sync(step) if i + 1 < len(window) else nullcontext():
+                    with autocast():
+                        loss, out = _guarded(lambda: recipe.loss(step, batch, totals, progress.step, True))
+                    accelerator.backward(scaler.scale(loss * accelerator.num_processes))
+                logged += torch.stack([loss.detach().float(), out.region_dice.sum().float()])
+            loss, dice = accelerator.reduce(logged, "sum").tolist()
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss is {loss} at optimizer step {progress.step + 1} (epoch {progress.epoch + 1}): "
+                    f"lower lr (now {config.lr:g}) or max_grad_norm, or raise warmup_ratio; the run stopped before "
+                    f"this step, and its checkpoints and adapters so far are kept")
+            if config.max_grad_norm:
+                scaler.unscale_(optimizer)
+                accelerator.clip_grad_norm_(step.parameters(), config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad()
+            progress.step += 1
+            progress.batch += len(window)
+            progress.train_seconds += time.perf_counter() - started
+            logs = {"loss": loss, "dice": dice / max(totals[0].item(), 1), "lr": scheduler.get_last_lr()[0],
+                    "regions_per_s": totals[0].item() / (time.perf_counter() - started)}
+            bar.update(len(window))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
+            if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and progress.batch < n_batches:
+                checkpoints.save(accelerator, progress)  # (the epoch's end has its own checkpoint)
+            if config.max_steps and progress.step >= config.max_steps:
+                done = True
+                break
+        bar.close()
+        if progress.batch < n_batches:
+            break  # stopped mid-epoch by max_steps
+        summary = recipe.sampler.epoch_summary()
+        accelerator.log({"cbdp/kept_fraction": summary["kept_fraction"]}, step=progress.step)
+        progress.epoch, progress.batch = progress.epoch + 1, 0
+        if progress.epoch % config.eval_every == 0 or progress.epoch == config.epochs:
+            metrics, validated_at = validation(summary["kept_fraction"]), progress.step
+        checkpoints.save(accelerator, progress)
+
+    if validated_at != progress.step:  # the final weights were not validated yet (max_steps mid-epoch)
+        metrics = validation(None)
+    result = _finish(accelerator, step, config, progress, output=Path(config.output_dir), meta=meta, metrics=metrics)
+    accelerator.end_training()
+    return result
+
+
+def _setup(accelerator, config, checkpoints, resume, overwrite):
+    """Data, base model with adapters, embedding cache and recipe; refuses a run before anything is written."""
     output = Path(config.output_dir)
-    # every check that can refuse the run comes before anything expensive or written, on every process
-    data, meta = load_data(config)
+    data, meta = load_data(config)  # every check that can refuse the run comes before anything expensive
     train_set, val_set = data[config.train_split], data[config.val_split]
-    organ_names = meta["organ_names"]
     candidates = []
     if resume:
         candidates = checkpoints.usable(accelerator.print)
@@ -256,108 +296,30 @@ def _train(accelerator: Accelerator, config: TrainConfig, checkpoints: Checkpoin
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     processor = processor_for(base)
-    cached = None
+    cached = val_cached = None
     if config.frozen_encoder:  # the encoder's output never changes: cache it for training and validation
         cache_dir = config.cache_dir or output.parent / ".embedding_cache"
         with accelerator.main_process_first():
             cached, val_cached = (image_embeddings(base, rows, processor, cache_dir,
                                                    progress=accelerator.is_local_main_process)
                                   for rows in (train_set, val_set))
-        evaluate = partial(evaluate, image_embeddings=val_cached)
     model = apply_lora(base, config.lora_preset, r=config.lora_r, alpha=config.lora_alpha,
                        dropout=config.lora_dropout, train_heads=config.train_heads,
                        verbose=accelerator.is_main_process)
+    recipe = PHPGRecipe.from_config(config, processor, train_set, meta["organ_names"], image_embeddings=cached)
+    return model, recipe, val_set, val_cached, meta, candidates
 
-    # Regions and CBDP scores must describe the same organs: those listed by prepare that reach min_pixels.
-    min_pixels = max(config.min_pixels, meta.get("min_pixels", 1))
-    sample_organs = [[o for o, n in zip(organs, pixels) if n >= min_pixels]
-                     for organs, pixels in zip(train_set["organs"], train_set["organ_pixels"])]
-    # one unsharded plan on every process: the prepared DataLoader shards its batches
-    sampler = CBDPSampler(sample_organs, num_epochs=config.epochs, prune_ratio=config.prune_ratio,
-                          anneal=config.anneal, seed=config.seed, strategy=config.pruning,
-                          budget=config.prune_budget, num_replicas=1, rank=0)
-    collator = PHPGCollator(processor, organ_names, behaviours=config.behaviours, max_regions=config.max_regions,
-                            min_pixels=min_pixels, seed=config.seed, include_pixels=cached is None)
-    loader = DataLoader(_Rows(train_set), batch_size=config.batch_size, sampler=_Plan(sampler),
-                        collate_fn=collator, num_workers=config.num_workers)
-    step = (DistilledStep(model, config.rounds, config.distill_weight, config.distill_boxes) if config.distill_weight
-            else PHPGStep(model, rounds=config.rounds))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
-    progress = Progress()
-    accelerator.register_for_checkpointing(sampler, progress)
-    if resume:
-        checkpoints.resume(accelerator, candidates)
-    accelerator.init_trackers("sam_peft", config={k: str(v) for k, v in config.to_dict().items()})
 
-    done = bool(config.max_steps) and progress.step >= config.max_steps
-    last_eval = (-1, None)  # (step, metrics) of the latest validation
-    while progress.epoch < config.epochs and not done:
-        epoch = progress.epoch
-        if progress.batch == 0:  # mid-epoch, a resumed sampler already holds this epoch's plan
-            sampler.set_epoch(epoch)
-        collator.set_epoch(epoch)
-        n_batches = len(loader)  # this process's micro-batches this epoch
-        steps_per_epoch = math.ceil(n_batches / config.grad_accum)
-        batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", initial=progress.batch, total=n_batches,
-                   disable=not accelerator.is_local_main_process)
-        step.train()
-        window = torch.zeros(4, device=accelerator.device)  # loss, micro-batches, Dice sum, valid regions
-        window_started = time.perf_counter()
-        for batch in bar:
-            started = time.perf_counter()
-            ids = batch["sample_ids"]
-            embeddings = None if cached is None else cached[ids.cpu()].to(accelerator.device, torch.float32)
-            # constant within an accumulation window: the schedule moves once per optimizer step
-            lr = lr_at((epoch + progress.batch // config.grad_accum / steps_per_epoch) / config.epochs, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            generator = torch.Generator(accelerator.device).manual_seed(config.seed * 1_000_003 + progress.step)
-            with accelerator.accumulate(step):
-                out = _guarded(lambda: step(batch, embeddings, sampler.weights(ids), generator))
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(step.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            _score(sampler, batch, out, organ_names)
-            progress.batch += 1
-            progress.train_seconds += time.perf_counter() - started
-            window += torch.stack([out.loss.detach().float(), torch.ones_like(window[0]),
-                                   out.region_dice.sum().float(), batch["region_valid"].sum().float()])
-            if not accelerator.sync_gradients:
-                continue
-            progress.step += 1
-            loss, micro, dice, regions = accelerator.reduce(window, "sum").tolist()
-            logs = {"loss": loss / micro, "dice": dice / max(regions, 1), "lr": lr,
-                    "regions_per_s": regions / (time.perf_counter() - window_started)}
-            window.zero_()
-            window_started = time.perf_counter()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
-            end_of_epoch = accelerator.gradient_state.end_of_dataloader  # the epoch's checkpoint follows
-            if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and not end_of_epoch:
-                checkpoints.save(accelerator, progress)
-            if config.max_steps and progress.step >= config.max_steps:
-                done = True
-                break
-        if progress.batch < n_batches:
-            break  # stopped mid-epoch by max_steps
-        summary = sampler.epoch_summary()
-        accelerator.log({"cbdp/kept_fraction": summary["kept_fraction"]}, step=progress.step)
-        progress.epoch += 1
-        progress.batch = 0
-        if progress.epoch % config.eval_every == 0 or progress.epoch == config.epochs:
-            last_eval = (progress.step, _validate(accelerator, step, val_set, config, progress, output, evaluate,
-                                                  summary))
-        checkpoints.save(accelerator, progress)
-
-    final = last_eval[1] if last_eval[0] == progress.step else None
-    result = _finish(accelerator, step, val_set, config, progress, output, meta, evaluate, final)
-    accelerator.end_training()
-    return result
+def _windows(batches, size: int):
+    """The micro-batches of each optimizer step: `size` at a time, the epoch's last step takes the rest."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 def _guarded(forward):
@@ -371,55 +333,54 @@ def _guarded(forward):
         ) from err
 
 
-def _score(sampler: CBDPSampler, batch: dict, out, organ_names: list[str]) -> None:
-    """Feed each valid region's loss to CBDP (ids and organs on the CPU, once per step)."""
-    valid = batch["region_valid"].cpu()
-    ids = batch["sample_ids"].cpu()[:, None].expand_as(valid)[valid]
-    organs = [organ_names[i] for i in batch["organ_ids"].cpu()[valid].tolist()]
-    sampler.update(ids.tolist(), organs, out.region_losses.float().cpu()[valid])
-
-
-def _validate(accelerator, step, val_set, config, progress, output, evaluate, summary) -> dict | None:
-    """Simulated-user validation on the main process; keeps the best adapter. Returns the metrics there."""
+def _validate(accelerator, step, val_set, config, progress, val_cached, kept_fraction) -> dict:
+    """Simulated-user validation on every process's share of the slices; the main process keeps the best
+    adapter by organ-mean Dice (each organ counts once) and records the worst organ."""
     model = accelerator.unwrap_model(step).model
-    metrics = None
-    if accelerator.is_main_process:
-        metrics = evaluate(model, val_set, behaviours=config.eval_behaviours, noc=False, progress=False,
-                           batch_size=config.batch_size)
-        score = float(np.mean([metrics["dice"][b]["mean"] for b in config.eval_behaviours]))
-        record = {"epoch": progress.epoch, "step": progress.step, "train_seconds": progress.train_seconds,
-                  "val_dice": score, "val_dice_per_organ": {b: metrics["dice"][b]["per_organ"]
-                                                           for b in config.eval_behaviours},
-                  **{f"val_dice/{b}": metrics["dice"][b]["mean"] for b in config.eval_behaviours},
-                  "kept_fraction": summary["kept_fraction"]}
-        progress.history.append(record)
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=progress.step)
-        accelerator.print(f"epoch {progress.epoch}: validation Dice {score:.4f} "
-                          + " ".join(f"{b}={metrics['dice'][b]['mean']:.3f}" for b in config.eval_behaviours))
-        if score > progress.best:
-            progress.best = score
-            save_adapter(model, output / "best_adapter", val_dice=score, epoch=progress.epoch)
-        step.train()
+    metrics = validate(accelerator, model, val_set, config.eval_behaviours, batch_size=config.batch_size,
+                       image_embeddings=val_cached)
+    score, worst, worst_dice = organ_mean_dice(metrics, config.eval_behaviours)
+    record = {"epoch": progress.epoch, "step": progress.step, "train_seconds": progress.train_seconds,
+              "val_dice": score, "val_worst_organ": worst, "val_worst_organ_dice": worst_dice,
+              "val_dice_per_organ": {b: metrics["dice"][b]["per_organ"] for b in config.eval_behaviours},
+              **{f"val_dice/{b}": metrics["dice"][b]["mean"] for b in config.eval_behaviours},
+              "kept_fraction": kept_fraction}
+    progress.history.append(record)
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=progress.step)
+    accelerator.print(f"epoch {progress.epoch}: validation Dice {score:.4f} (organ mean; worst {worst} "
+                      f"{worst_dice:.3f}) " + " ".join(f"{b}={metrics['dice'][b]['mean']:.3f}"
+                                                        for b in config.eval_behaviours))
+    if progress.best is None or score > progress.best:
+        progress.best = score
+        if accelerator.is_main_process:
+            save_adapter(model, Path(config.output_dir) / "best_adapter", val_dice=score, epoch=progress.epoch)
     accelerator.wait_for_everyone()
     return metrics
 
 
-def _finish(accelerator, step, val_set, config, progress, output, meta, evaluate, metrics) -> dict:
-    """Final adapter, metrics and model card (main process), written atomically. `metrics`: the validation
-    of the final weights when the last epoch already ran it."""
-    result = {}
+def _finish(accelerator, step, config, progress, output: Path, meta: dict, metrics: dict) -> dict:
+    """Final adapter, metrics and model card (main process), written atomically. `metrics`: the validation of
+    the final weights."""
+    result = {"steps": progress.step, "epochs": progress.epoch, "best_val_dice": progress.best,
+              "history": progress.history, "final": metrics}
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(step).model
-        if metrics is None:
-            metrics = evaluate(model, val_set, behaviours=config.eval_behaviours, noc=False, progress=False,
-                               batch_size=config.batch_size)
-        result = {"steps": progress.step, "epochs": progress.epoch, "best_val_dice": progress.best,
-                  "history": progress.history, "final": metrics}
         info = dict(organ_names=meta["organ_names"], label_map=meta.get("label_map"), data=config.data or "phantom",
                     metrics={b: metrics["dice"][b]["mean"] for b in config.eval_behaviours})
         save_adapter(model, output / "adapter", **info)
         write_model_card(output / "adapter", info, config)
         with atomic_path(output / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=2, default=float))
+            tmp.write_text(json.dumps(_strict_json(result), indent=2, allow_nan=False))
     accelerator.wait_for_everyone()
     return result
+
+
+def _strict_json(value):
+    """`value` with non-finite floats as None (JSON has no NaN or Infinity) and numpy scalars as Python's."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if hasattr(value, "item") and not hasattr(value, "__len__"):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
