@@ -23,10 +23,12 @@ import math
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -34,6 +36,11 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from ..models import save_adapter
 
 __all__ = ["PHPGTrainer"]
+
+
+def _held(factor, last: int, step: int) -> float:
+    """A schedule's factor at `step`, held at its value at `last` after it."""
+    return factor(min(step, last))
 
 
 class PHPGTrainer(Trainer):
@@ -103,23 +110,36 @@ class PHPGTrainer(Trainer):
     # ---- epochs and schedule ----
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader):
-        """Epochs and optimizer steps from the pruning plan: the loop bound is a full epoch, the step count
-        (and so the learning-rate schedule) is the planned steps, or `max_steps`."""
+        """Epochs and steps from the pruning plan. With `max_steps`, that many steps, over as many epochs as
+        they take; else the recipe's epochs, whatever their actual lengths (the loop's step bound is full
+        epochs), with the learning-rate schedule sized from the planned steps (`create_scheduler`)."""
         num_samples = len(self.train_dataset)
         processes, accumulation = self.accelerator.num_processes, args.gradient_accumulation_steps
         full_micro = math.ceil(num_samples / (self._train_batch_size * processes))
+        full_steps = math.ceil(full_micro / accumulation)
         epochs = self.recipe.sampler.num_epochs
         if args.max_steps > 0:
             max_steps, num_train_epochs = args.max_steps, sys.maxsize  # as the Trainer does without epochs
+            self.schedule_steps = max_steps
         elif args.num_train_epochs != epochs:
             raise ValueError(f"num_train_epochs={args.num_train_epochs} differs from the recipe's {epochs} epochs "
                              "(its pruning anneals over them): set the same number in both, or set max_steps")
         else:
-            max_steps = self.recipe.planned_steps(self._train_batch_size, accumulation, processes)
-            num_train_epochs = epochs
+            max_steps, num_train_epochs = epochs * full_steps, epochs
+            self.schedule_steps = self.recipe.planned_steps(self._train_batch_size, accumulation, processes)
         total_batch = self.get_total_train_batch_size(args)
-        return (num_train_epochs, math.ceil(full_micro / accumulation), num_samples, max_steps * total_batch,
-                total_batch, full_micro, max_steps)
+        return (num_train_epochs, full_steps, num_samples, self.schedule_steps * total_batch, total_batch,
+                full_micro, max_steps)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The TrainingArguments' schedule over the planned steps; where the pruning policy keeps more than
+        it planned, the steps past the plan hold its last value."""
+        if self.lr_scheduler is not None:  # given by the user
+            return self.lr_scheduler
+        scheduler = super().create_scheduler(self.schedule_steps, optimizer)
+        if isinstance(scheduler, LambdaLR):
+            scheduler.lr_lambdas = [partial(_held, factor, self.schedule_steps) for factor in scheduler.lr_lambdas]
+        return scheduler
 
     def _run_epoch(self, *, epoch: int, train_dataloader, **kwargs):
         """Plan the epoch, then run it for its own length: a pruned epoch ends its last accumulation window
