@@ -1,5 +1,9 @@
 """PHPGTrainer: transformers.Trainer on a PHPGRecipe (loss normalisation, pruned epochs, schedule, saving)."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +121,22 @@ def test_refuses_what_it_cannot_do(setup, tmp_path):  # noqa: F811
         PHPGTrainer(trainer.peft_model, trainer.args, trainer.recipe, eval_dataset=trainer.train_dataset)
     with pytest.raises(ValueError, match="PEFT model"):
         PHPGTrainer(trainer.peft_model.get_base_model(), trainer.args, trainer.recipe)
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_one_process_steps(setup, tmp_path):  # noqa: F811
+    """2 processes x batch 2 under `accelerate launch` (CPU, gloo) end where 1 process x batch 4 does: the
+    Trainer's accelerate shards the recipe's unsharded plan once, and the loss, divided by the regions of the
+    step on both processes and scaled back up for DDP's averaging, gives the one-process gradient."""
+    script = Path(__file__).with_name("dist_hf_trainer_script.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    for head, out, batch in (([sys.executable], "one", 4), (launch, "two", 2)):
+        done = subprocess.run([*head, str(script), str(setup / "tiny_sam"), str(setup / "data"), str(tmp_path / out),
+                               str(batch)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / out / "adapter_model.safetensors")) for out in ("one", "two"))
+    assert one.keys() == two.keys() and any("lora_B" in k for k in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
