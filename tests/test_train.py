@@ -1,6 +1,7 @@
 """The trainer: config errors, an end-to-end run, resume after a kill, 2-process accelerate, Hub push."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,10 +19,11 @@ from transformers import SamModel
 from accelerate.state import AcceleratorState
 from datasets import DatasetDict
 
-from sam_peft.data import load_prepared, phantom_cases, prepare_volumes
+from sam_peft.data import load_prepared, phantom_cases, prepare_volumes, read_metadata
 from sam_peft.models import load_adapter, load_base_model, processor_for
-from sam_peft.training import TrainConfig, train
+from sam_peft.training import PHPGRecipe, TrainConfig, train
 from sam_peft.training.embedding_cache import encode_dataset
+from sam_peft.training.recipe import organs_per_sample
 from sam_peft.training.cli import parse_train_args
 from test_models import tiny_sam_config
 
@@ -77,6 +80,13 @@ def test_train_end_to_end_writes_adapter_card_and_metrics(setup, tmp_path):
     model = load_adapter(out / "adapter", base=load_base_model(setup / "tiny_sam"))  # a local base is given
     assert any("lora_" in n for n, _ in model.named_parameters())
     assert len(result["history"]) == 4 and all(0 <= h["val_dice"] <= 1 for h in result["history"])
+    for record in result["history"]:  # organ-mean Dice: each organ's Dice (mean over behaviours) counts once
+        per_organ = record["val_dice_per_organ"]
+        organ_dice = {o: np.mean([per_organ[b][o] for b in per_organ]) for o in per_organ["tight_box"]}
+        assert record["val_dice"] == pytest.approx(np.mean(list(organ_dice.values())))
+        assert record["val_worst_organ"] == min(organ_dice, key=organ_dice.get)
+        assert record["val_worst_organ_dice"] == pytest.approx(min(organ_dice.values()))
+    assert result["best_val_dice"] == max(h["val_dice"] for h in result["history"])
     # the CBDP sampler pruned at most half of the samples once they were scored (epoch 0 only scores them;
     # all 4 epochs lie before the anneal point 0.875 * 4)
     assert result["history"][0]["kept_fraction"] == 1
@@ -240,7 +250,12 @@ def test_steps_checkpoints_and_resume_fallback(setup, even, tmp_path, capsys):
                                           keep_checkpoints=10, max_steps=5, eval_every=1))
     result = train(config)
     assert (result["steps"], result["epochs"]) == (5, 2)
-    assert [h["step"] for h in result["history"]] == [2, 4]
+    # the epochs' validations, then the final weights' (step 5, mid-epoch), which competes for the best adapter
+    assert [h["step"] for h in result["history"]] == [2, 4, 5]
+    assert result["best_val_dice"] == max(h["val_dice"] for h in result["history"])
+    assert (out / "best_adapter" / "adapter_model.safetensors").exists()
+    saved = json.loads((out / "metrics.json").read_text(), parse_constant=_refuse)  # strict JSON
+    assert saved["best_val_dice"] == result["best_val_dice"]
     marks = {p.name: json.loads((p / "done").read_text()) for p in sorted((out / "checkpoints").glob("step-*"))}
     assert list(marks) == [f"step-{s:07d}" for s in range(1, 6)]
     # (epoch, micro-batches done in it): step 2 ends epoch 0, so its folder holds the epoch-end state only
@@ -256,6 +271,10 @@ def test_steps_checkpoints_and_resume_fallback(setup, even, tmp_path, capsys):
     assert "skipping checkpoint" in said and "step-0000005" in said and "model.safetensors" in said
     assert "step-0000004" in said and f"resumed from {out / 'checkpoints' / 'step-0000003'}" in said
     _assert_same_adapter(finished, _adapter_weights(out), rtol=0)
+
+
+def _refuse(name):
+    raise ValueError(f"metrics.json holds {name}, which is not JSON")
 
 
 def test_interrupted_start_reruns_and_resume_refuses_before_caching(setup, tmp_path):
@@ -292,3 +311,68 @@ def test_two_processes_match_one_and_resume_after_a_kill(setup, even, reference,
     _assert_same_adapter(two, _adapter_weights(tmp_path / "killed"), rtol=0)
 
 
+
+
+def test_a_diverging_run_stops_and_keeps_its_checkpoints(setup, tmp_path):
+    """A huge (finite) learning rate: the run stops at the first non-finite loss, says where and what to lower,
+    and leaves the checkpoints it completed as they were, with no final adapter."""
+    out = tmp_path / "run"
+    config = TrainConfig.from_dict(_config(setup, out, epochs=2, pruning="none", lr=1e30, checkpoint_every=1,
+                                           keep_checkpoints=100))
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at optimizer step (\d+) .*lower lr") as err:
+        train(config)
+    failed = int(re.search(r"optimizer step (\d+)", str(err.value)).group(1))
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved] == [f"step-{s:07d}" for s in range(1, failed)]
+    assert all((p / "done").exists() for p in saved)
+    assert not (out / "adapter").exists()
+
+
+@pytest.fixture(scope="module")
+def uneven(setup) -> Path:
+    """16 training slices whose micro-batches of 4 hold different numbers of regions (max_regions 3)."""
+    data = load_prepared(setup / "data")
+    DatasetDict(train=data["train"].select(range(16)), validation=data["validation"].select(range(4))).save_to_disk(
+        str(setup / "uneven"))
+    return setup / "uneven"
+
+
+def _uneven(setup, uneven, out, **kw) -> dict:
+    """One epoch of tight boxes, one round (no random clicks), no pruning: only the loss's normalisation can
+    tell the batch layouts apart."""
+    return _config(setup, out, **{**dict(data=str(uneven), behaviours={"tight_box": 1.0}, rounds=1, max_regions=3,
+                                         pruning="none", epochs=1, eval_every=10), **kw})
+
+
+@pytest.fixture(scope="module")
+def uneven_reference(setup, uneven, tmp_path_factory) -> dict:
+    """One process, batch 8: 2 optimizer steps; and the region counts of the 4-slice halves of those batches."""
+    out = tmp_path_factory.mktemp("uneven") / "run"
+    config = TrainConfig.from_dict(_uneven(setup, uneven, out, batch_size=8))
+    assert train(config)["steps"] == 2
+    train_set = load_prepared(uneven)["train"]
+    recipe = PHPGRecipe.from_config(config, None, train_set, read_metadata(train_set)["organ_names"])
+    recipe.on_epoch(0)
+    organs = organs_per_sample(train_set, recipe.min_pixels)
+    regions = [min(len(organs[i]), 3) for i in recipe.sampler]
+    halves = [sum(regions[i:i + 4]) for i in range(0, 16, 4)]
+    assert len(set(halves)) > 1, halves  # the old per-micro-batch mean would weigh regions unequally
+    return _adapter_weights(out)
+
+
+def _relative_difference(expected: dict, actual: dict) -> float:
+    assert expected.keys() == actual.keys()
+    return max(float((actual[k] - expected[k]).norm() / expected[k].norm().clamp(min=1e-12)) for k in expected)
+
+
+def test_accumulation_with_unequal_region_counts_matches_the_larger_batch(setup, uneven, uneven_reference, tmp_path):
+    out = tmp_path / "run"
+    assert train(TrainConfig.from_dict(_uneven(setup, uneven, out, batch_size=4, grad_accum=2)))["steps"] == 2
+    assert _relative_difference(uneven_reference, _adapter_weights(out)) < 0.01
+
+
+@pytest.mark.slow
+def test_two_processes_with_unequal_region_counts_match_the_larger_batch(setup, uneven, uneven_reference, tmp_path):
+    config = _uneven(setup, uneven, tmp_path / "two", batch_size=4)
+    _finish_ok(_launch(config, tmp_path / "two.yaml", 2))
+    assert _relative_difference(uneven_reference, _adapter_weights(tmp_path / "two")) < 0.01
