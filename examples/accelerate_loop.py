@@ -17,6 +17,7 @@ from transformers import get_scheduler
 from sam_peft import apply_lora, load_base_model, load_prepared, phantom_dataset, processor_for, save_adapter
 from sam_peft.data import read_metadata
 from sam_peft.training import PHPGRecipe
+from sam_peft.training.warm_start import score_before_training
 
 
 def main(argv=None) -> None:
@@ -42,6 +43,10 @@ def main(argv=None) -> None:
     # the step module goes through DDP; the recipe's loader holds the whole epoch plan and prepare shards it
     step, optimizer, loader = accelerator.prepare(recipe.step_module(model), optimizer,
                                                   recipe.dataloader(args.batch_size))
+    # score every slice once so that epoch 0 prunes too, as the planned steps assume
+    score_before_training(model, recipe.prepare_dataset(), recipe.collator, recipe.sampler, recipe.organ_names,
+                          batch_size=args.batch_size, device=accelerator.device,
+                          progress=accelerator.is_local_main_process)
     done = 0
     for epoch in itertools.count() if args.max_steps else range(args.epochs):
         recipe.on_epoch(epoch)  # plans the epoch from the losses recorded so far, new prompts
@@ -55,7 +60,8 @@ def main(argv=None) -> None:
             done += 1
             if done == args.max_steps:
                 break
-        accelerator.print(f"epoch {epoch}: {len(loader)} steps, last loss {accelerator.reduce(loss.detach(), 'mean'):.4f}")
+        last = accelerator.reduce(loss.detach(), "mean")
+        accelerator.print(f"epoch {epoch}: {len(loader)} steps, last loss {last:.4f}")
         if done == args.max_steps:
             break
     accelerator.wait_for_everyone()

@@ -34,6 +34,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..models import save_adapter
+from .warm_start import score_before_training
 
 __all__ = ["PHPGTrainer"]
 
@@ -55,12 +56,13 @@ class PHPGTrainer(Trainer):
             (its default `num_replicas=1, rank=0`).
         adapter_info: extra entries for the saved adapter's `sam_peft.json` (e.g. `label_map`, `data`);
             the organ names are always recorded.
+        warm_start: score every slice before epoch 0 so that it can prune (see `train`).
         kwargs: any other `Trainer` argument (callbacks, optimizers, ...), except `train_dataset` (the
             recipe's) and `eval_dataset`.
     """
 
     def __init__(self, model: PeftModel, args: TrainingArguments, recipe, *, adapter_info: dict | None = None,
-                 **kwargs):
+                 warm_start: bool = True, **kwargs):
         if not isinstance(model, PeftModel):
             raise ValueError(f"model must be the PEFT model from sam_peft.apply_lora, got {type(model).__name__}")
         for name, why in (("train_dataset", "the recipe's training split is trained on"),
@@ -72,8 +74,7 @@ class PHPGTrainer(Trainer):
                              "workers; leave it False")
         if args.dataloader_drop_last:
             raise ValueError("dataloader_drop_last: a CBDP epoch plan is trained whole; leave it False")
-        self.recipe = recipe
-        self.peft_model = model
+        self.recipe, self.peft_model, self.warm_start = recipe, model, warm_start
         self.adapter_info = {"organ_names": list(recipe.organ_names), **(adapter_info or {})}
         super().__init__(model=recipe.step_module(model), args=args, train_dataset=recipe.prepare_dataset(),
                          **kwargs)
@@ -151,9 +152,17 @@ class PHPGTrainer(Trainer):
         return super()._run_epoch(epoch=epoch, train_dataloader=train_dataloader, **kwargs)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, after scoring every slice once (no gradients, one round) when the sampler would
+        prune epoch 0 by scores and `warm_start` is on: epoch 0 then prunes as the plan assumes."""
         if resume_from_checkpoint:
             raise ValueError("resume_from_checkpoint: PHPGTrainer cannot resume (Trainer checkpoints do not hold "
                              "the CBDP scores); start a new run")
+        sampler = self.recipe.sampler
+        if self.warm_start and sampler.strategy in ("cbdp", "infobatch") and sampler.prunes(0):
+            score_before_training(self.peft_model, self.train_dataset, self.recipe.collator, sampler,
+                                  list(self.recipe.organ_names), image_embeddings=self.recipe.image_embeddings,
+                                  batch_size=self._train_batch_size, device=self.args.device,
+                                  progress=self.is_local_process_zero() and not self.args.disable_tqdm)
         return super().train(**kwargs)
 
     # ---- saving ----
