@@ -108,6 +108,9 @@ def test_saves_a_sam_peft_adapter_next_to_the_checkpoints(setup, tmp_path):  # n
         assert model.sam_peft_info["organ_names"] == list(trainer.recipe.organ_names)
         loaded = {n: p for n, p in model.named_parameters() if "lora_B" in n}
         assert loaded and all(v.abs().max() > 0 for v in loaded.values())
+    trainer.create_model_card()  # what push_to_hub uploads beside the adapter
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "rounds" in card and "strategy `cbdp`" in card
 
 
 def test_refuses_what_it_cannot_do(setup, tmp_path):  # noqa: F811

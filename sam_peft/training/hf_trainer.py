@@ -34,6 +34,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..models import save_adapter
+from .hub import write_model_card
 from .warm_start import score_before_training
 
 __all__ = ["PHPGTrainer"]
@@ -42,6 +43,15 @@ __all__ = ["PHPGTrainer"]
 def _held(factor, last: int, step: int) -> float:
     """A schedule's factor at `step`, held at its value at `last` after it."""
     return factor(min(step, last))
+
+
+def _recipe_record(model: PeftModel, recipe) -> dict:
+    """The settings the model card shows (`hub.RECIPE_FIELDS`), from the model and the recipe."""
+    info, mixture, sampler = getattr(model, "sam_peft_info", {}), recipe.collator.mixture, recipe.sampler
+    return {"lora_r": model.peft_config[model.active_adapter].r, "lora_preset": info.get("preset"),
+            "train_heads": info.get("train_heads", []), "rounds": recipe.rounds,
+            "behaviours": dict(zip(mixture.names, mixture.probabilities.round(4).tolist())),
+            "pruning": sampler.strategy, "prune_ratio": sampler.prune_ratio, "anneal": sampler.anneal}
 
 
 class PHPGTrainer(Trainer):
@@ -75,7 +85,8 @@ class PHPGTrainer(Trainer):
         if args.dataloader_drop_last:
             raise ValueError("dataloader_drop_last: a CBDP epoch plan is trained whole; leave it False")
         self.recipe, self.peft_model, self.warm_start = recipe, model, warm_start
-        self.adapter_info = {"organ_names": list(recipe.organ_names), **(adapter_info or {})}
+        self.adapter_info = {"organ_names": list(recipe.organ_names), "recipe": _recipe_record(model, recipe),
+                             **(adapter_info or {})}
         super().__init__(model=recipe.step_module(model), args=args, train_dataset=recipe.prepare_dataset(),
                          **kwargs)
         # compute_loss divides by the regions of the whole accumulated batch: no further division by the
@@ -166,6 +177,11 @@ class PHPGTrainer(Trainer):
         return super().train(**kwargs)
 
     # ---- saving ----
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """sam_peft's model card (base, recipe, how to load the adapter), for `push_to_hub`."""
+        if self.is_world_process_zero():
+            write_model_card(self.args.output_dir, repo_id=self.hub_model_id)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write a sam_peft adapter into `output_dir`, next to what is there (checkpoints, logs)."""
