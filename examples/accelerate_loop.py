@@ -43,10 +43,10 @@ def main(argv=None) -> None:
     # the step module goes through DDP; the recipe's loader holds the whole epoch plan and prepare shards it
     step, optimizer, loader = accelerator.prepare(recipe.step_module(model), optimizer,
                                                   recipe.dataloader(args.batch_size))
-    # score every slice once so that epoch 0 prunes too, as the planned steps assume
-    score_before_training(model, recipe.prepare_dataset(), recipe.collator, recipe.sampler, recipe.organ_names,
-                          batch_size=args.batch_size, device=accelerator.device,
-                          progress=accelerator.is_local_main_process)
+    if not args.max_steps:  # score every slice once, so that epoch 0 prunes too, as the planned steps assume
+        score_before_training(model, recipe.prepare_dataset(), recipe.collator, recipe.sampler, recipe.organ_names,
+                              batch_size=args.batch_size, device=accelerator.device,
+                              progress=accelerator.is_local_main_process)
     done = 0
     for epoch in itertools.count() if args.max_steps else range(args.epochs):
         recipe.on_epoch(epoch)  # plans the epoch from the losses recorded so far, new prompts

@@ -37,7 +37,9 @@ def main(argv=None) -> None:
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=0.05, logging_steps=10, save_strategy="no",
     )
-    trainer = PHPGTrainer(apply_lora(base, "decoder"), training_args, recipe,
+    # the warm start (one scoring pass over every slice before epoch 0) pays off over whole epochs, not in a
+    # short --max-steps run
+    trainer = PHPGTrainer(apply_lora(base, "decoder"), training_args, recipe, warm_start=args.max_steps < 0,
                           adapter_info={"label_map": meta.get("label_map"), "data": args.data or "phantom"})
     trainer.train()
     trainer.save_model()  # a sam_peft adapter: sam_peft.load_adapter(args.output)

@@ -12,10 +12,11 @@ What the plain Trainer cannot do with PHPG batches, and what this subclass chang
   so a pruned run's learning rate still decays to its end;
 - saving: `save_model`, checkpoints and `push_to_hub` write a sam_peft adapter (`load_adapter(dir)`).
 
-The model given is the PEFT model (`apply_lora`); the Trainer trains a module around it whose forward is
-the recipe's loss, so DDP under `accelerate launch` syncs the gradients of the whole PHPG step.
+The model given is the PEFT model (`apply_lora`); the Trainer trains the recipe's step module around it
+(the whole PHPG step in its forward), so DDP under `accelerate launch` syncs the gradients of every round.
 Validation is not the Trainer's (a loss on PHPG batches says little): run `sam_peft.evaluate` on the
 saved adapter. Resuming from a Trainer checkpoint is refused: it would not hold the CBDP scores.
+Per-epoch lengths go through `Trainer._run_epoch`, which transformers 5.17 and later have.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import transformers
 from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -73,6 +75,9 @@ class PHPGTrainer(Trainer):
 
     def __init__(self, model: PeftModel, args: TrainingArguments, recipe, *, adapter_info: dict | None = None,
                  warm_start: bool = True, **kwargs):
+        if not hasattr(Trainer, "_run_epoch"):
+            raise ImportError(f"PHPGTrainer needs transformers>=5.17 (its Trainer runs each epoch in _run_epoch); "
+                              f"this is {transformers.__version__}: pip install -U 'transformers>=5.17,<6'")
         if not isinstance(model, PeftModel):
             raise ValueError(f"model must be the PEFT model from sam_peft.apply_lora, got {type(model).__name__}")
         for name, why in (("train_dataset", "the recipe's training split is trained on"),
