@@ -22,6 +22,7 @@ from transformers.hf_argparser import HfArg
 from ..models.lora import HEADS, PRESETS
 from ..names import did_you_mean
 from ..prompts.behaviours import BEHAVIOURS
+from ..prompts.collator import MIN_PIXELS
 from ..pruning import BUDGETS, STRATEGIES
 
 LORA_PRESETS = tuple(PRESETS)
@@ -58,7 +59,8 @@ class TrainConfig:
         f"center_click: 1}}' (none: all equally); names: {', '.join(BEHAVIOURS)}")
     rounds: int = HfArg(default=3, help="PHPG rounds per step: the first prompt, then error-guided clicks")
     max_regions: int | None = HfArg(default=None, help="organs decoded per slice, sampled (none: all)")
-    min_pixels: int = HfArg(default=10, help="pixels an organ needs on a slice to be prompted")
+    min_pixels: int = HfArg(default=MIN_PIXELS, help="pixels an organ needs on a slice to be prompted (raised to "
+                            "the dataset's prepare threshold when that is higher)")
     # distillation from the frozen base (training/distill.py)
     distill_weight: float = HfArg(default=0.0, help="weight of the loss that keeps the base's masks for random "
                                   "boxes (the base, adapters off, is the teacher; 0: off)")
