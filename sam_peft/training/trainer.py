@@ -221,32 +221,12 @@ def _train(accelerator: Accelerator, config: TrainConfig, checkpoints: Checkpoin
         step.train()
         for window in _windows(batches, config.grad_accum):
             started = time.perf_counter()
-            totals = accelerator.reduce(sum(recipe.count(batch) for batch in window), "sum")  # regions, slices
-            logged = torch.zeros(2, device=accelerator.device)  # the step's loss, Dice summed over regions
-            for i, batch in enumerate(window):
-                with accelerator.no_sync(step) if i + 1 < len(window) else nullcontext():
-                    with autocast():
-                        loss, out = _guarded(lambda: recipe.loss(step, batch, totals, progress.step, True))
-                    accelerator.backward(scaler.scale(loss * accelerator.num_processes))
-                logged += torch.stack([loss.detach().float(), out.region_dice.sum().float()])
-            loss, dice = accelerator.reduce(logged, "sum").tolist()
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the training loss is {loss} at optimizer step {progress.step + 1} (epoch {progress.epoch + 1}): "
-                    f"lower lr (now {config.lr:g}) or max_grad_norm, or raise warmup_ratio; the run stopped before "
-                    f"this step, and its checkpoints and adapters so far are kept")
-            if config.max_grad_norm:
-                scaler.unscale_(optimizer)
-                accelerator.clip_grad_norm_(step.parameters(), config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad()
+            logs = _optimizer_step(accelerator, recipe, step, optimizer, scheduler, scaler, autocast, window, config,
+                                   progress)
             progress.step += 1
             progress.batch += len(window)
             progress.train_seconds += time.perf_counter() - started
-            logs = {"loss": loss, "dice": dice / max(totals[0].item(), 1), "lr": scheduler.get_last_lr()[0],
-                    "regions_per_s": totals[0].item() / (time.perf_counter() - started)}
+            logs["regions_per_s"] = logs.pop("regions") / (time.perf_counter() - started)
             bar.update(len(window))
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=progress.step)
@@ -322,10 +302,40 @@ def _windows(batches, size: int):
         yield window
 
 
-def _guarded(forward):
+def _optimizer_step(accelerator, recipe, step, optimizer, scheduler, scaler, autocast, window, config,
+                    progress) -> dict:
+    """One optimizer step over the micro-batches of `window`, each loss its share of the whole step's (regions
+    counted over the window on every process first). Returns the step's logs."""
+    totals = accelerator.reduce(sum(recipe.count(batch) for batch in window), "sum")  # regions, slices
+    logged = torch.zeros(2, device=accelerator.device)  # the step's loss, Dice summed over regions
+    for i, batch in enumerate(window):
+        with accelerator.no_sync(step) if i + 1 < len(window) else nullcontext():  # one all-reduce per step
+            with autocast():
+                loss, out = _guarded(recipe.loss, step, batch, totals, progress.step, True)
+            accelerator.backward(scaler.scale(loss * accelerator.num_processes))  # DDP averages over processes
+        logged += torch.stack([loss.detach().float(), out.region_dice.sum().float()])
+    loss, dice = accelerator.reduce(logged, "sum").tolist()
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss is {loss} at optimizer step {progress.step + 1} (epoch {progress.epoch + 1}): "
+            f"lower lr (now {config.lr:g}) or max_grad_norm, or raise warmup_ratio; the run stopped before "
+            "this step, and its checkpoints and adapters so far are kept")
+    if config.max_grad_norm:
+        scaler.unscale_(optimizer)
+        accelerator.clip_grad_norm_(step.parameters(), config.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad()
+    regions = totals[0].item()
+    return {"loss": loss, "dice": dice / max(regions, 1), "lr": lr, "regions": regions}
+
+
+def _guarded(forward, *args):
     """Turn a device out-of-memory error into advice on which setting to lower."""
     try:
-        return forward()
+        return forward(*args)
     except torch.OutOfMemoryError as err:
         raise RuntimeError(
             "out of device memory in the training step: lower batch_size, max_regions or rounds, use "
