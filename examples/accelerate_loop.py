@@ -1,7 +1,9 @@
 """LoRA fine-tuning in a plain `accelerate` loop: the recipe's loader, epoch plan and loss, nothing else.
 
     python examples/accelerate_loop.py --model litemedsam --max-steps 50 --output runs/accelerate_loop
-    accelerate launch --num_processes 2 examples/accelerate_loop.py --model litemedsam --output runs/accelerate_loop
+    accelerate launch --num_processes 2 examples/accelerate_loop.py --output runs/accelerate_loop
+
+(Two processes on CPUs: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`.)
 
 Trains on a generated phantom unless `--data` names a dataset made by `sam-peft prepare`, and writes a
 sam_peft adapter (`sam_peft.load_adapter(<output>)`). Without `--max-steps` it trains `--epochs` epochs, with

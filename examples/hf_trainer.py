@@ -1,8 +1,10 @@
 """LoRA fine-tuning with `transformers.Trainer`: PHPG batches, CBDP pruning, a sam_peft adapter at the end.
 
     python examples/hf_trainer.py --model litemedsam --max-steps 50 --output runs/hf_trainer
-    accelerate launch --num_processes 2 examples/hf_trainer.py --model litemedsam --output runs/hf_trainer
-    sam-peft evaluate --model litemedsam --adapter runs/hf_trainer --output runs/hf_trainer/eval
+    accelerate launch --num_processes 2 examples/hf_trainer.py --data data/flare22 --output runs/hf_trainer
+    sam-peft evaluate --model litemedsam --adapter runs/hf_trainer --data data/flare22 --output runs/hf_eval
+
+(Two processes on CPUs: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`.)
 
 Trains on a generated phantom unless `--data` names a dataset made by `sam-peft prepare`. Without
 `--max-steps` it trains `--epochs` epochs, with the learning rate decaying over the steps CBDP plans.
