@@ -36,6 +36,7 @@ from datasets import DatasetDict
 
 from sam_peft import TrainConfig, load_adapter, load_base_model, train
 from sam_peft.data import VolumeCase, organ_key, prepare_volumes, read_volume
+from sam_peft.data.label_maps import LabelMap
 from sam_peft.models import processor_for
 
 from forgetting import CLICK_VARIANTS, click_curves, evaluate_models, markdown, multi_piece_share
@@ -144,7 +145,8 @@ def prepare_data(output: Path, unseen: tuple[str, ...], check: bool = False,
     present = {o for organs in _select(everything, train_keys)["organs"] for o in organs}
     seen = sorted(present - unseen)
     seen_map = {i: name for i, name in ids.items() if organ_key(name) in seen}
-    seen_data = prepare_volumes(cases, output=output / "seen_all", overwrite=True, label_map=seen_map,
+    seen_data = prepare_volumes(cases, output=output / "seen_all", overwrite=True,
+                                label_map=LabelMap.from_ids(seen_map, "totalsegmentator CT+MR"),
                                 ignore_unknown_labels=True, min_pixels=10)["train"]
     DatasetDict(train=_select(seen_data, train_keys), validation=_select(seen_data, held_keys)).save_to_disk(
         str(output / "train"))

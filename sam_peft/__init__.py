@@ -1,7 +1,8 @@
 """sam_peft: LoRA fine-tuning of SAM for interactive multi-organ medical image segmentation.
 
 Data path: `data.prepare` (volumes -> slice datasets) -> `PHPGCollator` (simulated-human prompts) ->
-`CBDPSampler` (class-balanced dynamic pruning) -> `train` (accelerate, PHPG step) -> `evaluate` /
+`CBDPSampler` (class-balanced dynamic pruning) -> `train` (accelerate over a `PHPGRecipe`; `PHPGTrainer` for
+transformers.Trainer users) -> `evaluate` /
 `MultiOrganPredictor` / `predict_volume`.
 
 `import sam_peft` is light: each public name imports its module (torch, transformers, peft...) on first use
@@ -22,7 +23,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
                      "load_base_model", "processor_for", "save_adapter"], ".models"),
     **dict.fromkeys(["BEHAVIOURS", "PHPGCollator", "next_clicks"], ".prompts"),
     "CBDPSampler": ".pruning",
-    **dict.fromkeys(["PHPGStep", "TrainConfig", "phpg_forward", "push_to_hub", "train"], ".training"),
+    **dict.fromkeys(["PHPGRecipe", "PHPGStep", "PHPGTrainer", "TrainConfig", "export_adapter", "phpg_forward",
+                     "push_to_hub", "train"], ".training"),
 })
 
 if typing.TYPE_CHECKING:  # static analysers and IDEs see the real objects
@@ -32,4 +34,5 @@ if typing.TYPE_CHECKING:  # static analysers and IDEs see the real objects
                          processor_for, save_adapter)
     from .prompts import BEHAVIOURS, PHPGCollator, next_clicks
     from .pruning import CBDPSampler
-    from .training import PHPGStep, TrainConfig, phpg_forward, push_to_hub, train
+    from .training import (PHPGRecipe, PHPGStep, PHPGTrainer, TrainConfig, export_adapter, phpg_forward, push_to_hub,
+                           train)

@@ -15,11 +15,12 @@ Validation is shared out over the processes as well (`validation.validate`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -123,7 +124,8 @@ class Checkpoints:
         if accelerator.is_main_process and folder.exists():
             shutil.rmtree(folder)  # left by a killed save, or by a run that resumed from an older checkpoint
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(folder))
+        with _quiet_shared_tensors():
+            accelerator.save_state(str(folder))
         accelerator.wait_for_everyone()  # every process's files are written before the marker says so
         if accelerator.is_main_process:
             with atomic_path(folder / "done") as tmp:
@@ -132,6 +134,19 @@ class Checkpoints:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         self.last_step = progress.step
+
+
+@contextmanager
+def _quiet_shared_tensors():
+    """accelerate reports the positional embedding SAM shares between its image and prompt encoders as
+    "Removed shared tensor" at every checkpoint; loading ties it again, so the user has nothing to act on."""
+    log = logging.getLogger("accelerate.utils.other")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
     def resume(self, accelerator: Accelerator, candidates: list[Path]) -> None:
         """Load the newest of `candidates` that loads on every process; say which were skipped and why."""
