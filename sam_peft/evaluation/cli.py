@@ -10,6 +10,7 @@ from ..data.prepare import WINDOWS, check_writable, load_prepared
 from ..io import reading
 from ..models import DEFAULT_ADAPTER, DEFAULT_MODEL, default_adapter_for, load_adapter, load_base_model
 from .evaluate import EVAL_BEHAVIOURS, evaluate
+from .metrics import EVAL_MIN_PIXELS
 from .volume import predict_volume
 
 
@@ -129,8 +130,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-clicks", type=bounded(int, 1), default=20,
                         help="corrective clicks at most per instance for NoC; an instance not reaching the Dice "
                         "target counts as this many (default: 20)")
-    parser.add_argument("--min-pixels", type=bounded(int, 1), default=100,
-                        help="smallest organ instance evaluated, in pixels (default: 100)")
+    parser.add_argument("--min-pixels", type=bounded(int, 1), default=EVAL_MIN_PIXELS,
+                        help=f"smallest organ instance evaluated, in pixels (default: {EVAL_MIN_PIXELS})")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=8, help="slices per forward (default: 8)")
     parser.add_argument("--seed", type=bounded(int, 0), default=0,
                         help="seed of the randomised prompts (jittered boxes, random clicks) (default: 0)")

@@ -38,7 +38,7 @@ from ..models.loading import processor_for
 from ..names import did_you_mean
 from ..prompts.behaviours import make_prompt
 from ..prompts.clicks import PERFECT, next_clicks
-from .metrics import clicks_to_reach, dice_counts, dice_from_counts, iou_from_counts, surface_dice
+from .metrics import EVAL_MIN_PIXELS, clicks_to_reach, dice_counts, dice_from_counts, iou_from_counts, surface_dice
 from .predictor import decode_prompts, stack_prompts
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def evaluate(
     max_clicks: int = 20,
     seed: int = 0,
     batch_size: int = 8,
-    min_pixels: int = 100,
+    min_pixels: int = EVAL_MIN_PIXELS,
     organs: Sequence[str] | None = None,
     output_dir: str | Path | None = None,
     progress: bool = True,
