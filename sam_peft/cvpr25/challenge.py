@@ -16,6 +16,8 @@ import numpy as np
 from ..evaluation.predictor import MultiOrganPredictor
 from ..io import atomic_path
 from .format import ChallengeCase, read_case, write_segmentation
+
+STATE_VERSION = 2  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
 from .segmenter import (
     DEFAULT_PROPAGATION,
     ClassState,
@@ -110,7 +112,7 @@ def run_challenge(inputs: str | Path, outputs: str | Path, model, model_id: str,
         folder = None if cache is None else cache / content_key(case.imgs, model_id)
         embeddings = EmbeddingCache(predictor, case.imgs, None if folder is None else folder / "embeddings")
         segmenter = Segmenter(predictor, embeddings, case.imgs.shape, propagation)
-        state_file = None if folder is None else folder / f"states-{propagation}.npz"
+        state_file = None if folder is None else folder / f"states-v{STATE_VERSION}-{propagation}.npz"
         saved = _load_states(state_file, case.imgs.shape) if state_file is not None else ([], [])
         states, applied = segment_case(case, segmenter, saved)
         if state_file is not None:

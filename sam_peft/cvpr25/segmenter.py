@@ -20,6 +20,7 @@ hash of the image volume and the model, because each challenge step is a new pro
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import distance_transform_edt, label as connected_components
 
 from ..evaluation.metrics import dice_from_counts
 from ..evaluation.predictor import MultiOrganPredictor, decode_prompts
-from ..evaluation.volume import PROPAGATION_MARGIN, StopRule, _Chain
+from ..evaluation.volume import PROPAGATION_MARGIN
 from ..io import atomic_path
 from ..prompts.behaviours import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, NEGATIVE, POSITIVE
 from .format import POINT, ChallengeCase
@@ -39,7 +40,8 @@ from .format import POINT, ChallengeCase
 Propagation = Literal["box", "box+mask", "box+point", "box+mask+point"]
 PROPAGATION: tuple[str, ...] = ("box", "box+mask", "box+point", "box+mask+point")
 DEFAULT_PROPAGATION: Propagation = "box"
-AGREEMENT = 0.9  # a carried correction stops where the new mask and the old one agree this well (Dice)
+CLICK_PROMPT = os.environ.get("SAMPEFT_CLICK_PROMPT", "mask")
+MAX_GROWTH = 2.0  # a carried correction larger than this times the previous slice's (+ 20 px) has leaked
 
 
 def content_key(imgs: np.ndarray, model_id: str) -> str:
@@ -118,12 +120,11 @@ class Segmenter:
     """3D box and click interaction for every class of one case (see the module docstring)."""
 
     def __init__(self, predictor: MultiOrganPredictor, embeddings: EmbeddingCache, shape: tuple[int, int, int],
-                 propagation: Propagation = DEFAULT_PROPAGATION, rule: StopRule | None = None):
+                 propagation: Propagation = DEFAULT_PROPAGATION):
         if propagation not in PROPAGATION:
             raise ValueError(f"propagation must be one of {PROPAGATION}, got {propagation!r}")
         self.predictor, self.embeddings, self.shape = predictor, embeddings, shape
         self.propagation = propagation
-        self.rule = rule or StopRule()
         self.margin = PROPAGATION_MARGIN * max(shape[1:]) / 1024
         self.decoded = 0
 
@@ -169,67 +170,120 @@ class Segmenter:
                                               box["z_mid_x_max"], box["z_mid_y_max"]], dtype=np.float64))
         state.masks[z_mid] = start.mask
         for step in (1, -1):
-            self._propagate(state, start, z_mid, step, until_agreement=False)
+            self._propagate(state, start, z_mid, step)
         return state
 
-    def _propagate(self, state: ClassState, start: SliceResult, z0: int, step: int, until_agreement: bool,
-                   open_ended: bool = False) -> None:
-        """Carry slice z0's result to z0 + step, z0 + 2 step, ... Within [low, high] an empty mask is skipped
-        (the box says the structure is there); `open_ended` runs past the range until `StopRule` ends it and
-        widens the range; `until_agreement` stops where the new mask matches the old (a carried correction)."""
-        previous = start
-        chain = _Chain(z0, np.flatnonzero(start.mask), int(start.mask.sum()), (start.score,))
-        z = z0 + step
-        while 0 <= z < self.shape[0] and previous.mask.any():
-            inside = state.low <= z <= state.high
-            if z in state.anchors or not (inside or open_ended):
-                break
+    def _propagate(self, state: ClassState, start: SliceResult, z0: int, step: int) -> None:
+        """Carry slice z0's result to z0 + step, z0 + 2 step, ... to the end of the slice range; an empty mask
+        is skipped (the box says the structure is there) and the last non-empty one carried on."""
+        previous, z = start, z0 + step
+        while state.low <= z <= state.high and previous.mask.any():
             result = self._carry(previous, z)
-            pixels = np.flatnonzero(result.mask)
-            if not inside and self.rule.reason(pixels, result.score, chain) is not None:
-                break
-            agrees = until_agreement and dice(result.mask, state.masks[z]) >= AGREEMENT
             if result.mask.any():
                 state.masks[z] = result.mask
-                chain = chain.then(z, pixels, result.score)
                 previous = result
-                if not inside:
-                    state.low, state.high = min(state.low, z), max(state.high, z)
-            if agrees:
-                break
             z += step
 
     # ------------------------------------------------------------------------------------------ clicks
 
     def click_step(self, state: ClassState | None, kind: str, point: POINT, clicks: dict) -> ClassState | None:
         """Apply one click ("fg" | "bg", (z, y, x)); `clicks`: all of this class's clicks so far, this one
-        included. Returns the new state (None while a clicks-only class has no foreground click yet)."""
+        included. Returns the new state (None while a clicks-only class has no foreground click yet).
+
+        The clicked slice is decoded from its mask's box (reaching the click) and all its clicks; of the
+        difference to the old mask only the part connected to the click is taken (added for a foreground
+        click, removed for a background one), so a click changes what it points at and nothing else."""
         z, y, x = point
         if state is None:
             if kind != "fg":
                 return None
             state = ClassState(np.zeros(self.shape, dtype=bool), z, z, set(), z)
-        old = state.masks[z].copy()
+        old = state.masks[z]
+        seed = np.zeros(old.shape, dtype=bool)
+        seed[y, x] = True
         fg = [(px, py) for pz, py, px in clicks["fg"] if pz == z]
         bg = [(px, py) for pz, py, px in clicks["bg"] if pz == z]
-        box = None
-        if old.any():
-            box = mask_box(old, self.margin)
-            if kind == "fg":  # the box must reach the missed part
-                box = np.array([min(box[0], x), min(box[1], y), max(box[2], x), max(box[3], y)], dtype=np.float64)
-        result = self.segment(z, box, fg, bg)
-        if kind == "fg" and not result.mask[y, x] and box is not None:
-            result = self.segment(z, None, fg, bg)  # the box misled the model: the clicks alone
-        state.masks[z] = result.mask
+        box = mask_box(old | seed, self.margin) if old.any() else None
+        edit = np.zeros_like(old)
+        for prompt in self._click_prompts(old, box):
+            edit = self._edit(kind, old, self.segment(z, fg=fg, bg=bg, **prompt).mask, seed)
+            if edit.any():
+                break
+        if kind == "bg":  # only around the click: a negative click made the model drop whole organ parts
+            edit &= self._reach(old, y, x)
+        if not edit.any():  # the model would not change the clicked pixel: change it and its 4 neighbours
+            edit = self._cross(old.shape, y, x) & (~old if kind == "fg" else old)
         state.anchors.add(z)
-        if not result.mask.any():  # a background click erased the slice: the structure ends before it
+        state.masks[z] = old | edit if kind == "fg" else old & ~edit
+        if kind == "bg" and not state.masks[z].any():  # the slice was wrong as a whole: the structure ends
             self._cut(state, z)
             return state
-        outside = not state.low <= z <= state.high
         state.low, state.high = min(state.low, z), max(state.high, z)
         for step in (1, -1):
-            self._propagate(state, result, z, step, until_agreement=True, open_ended=outside)
+            self._carry_edit(state, kind, edit, z, step, self._reach(old, y, x) if kind == "bg" else None)
         return state
+
+    @staticmethod
+    def _reach(old: np.ndarray, y: int, x: int) -> np.ndarray:
+        """Where a background click may remove: a disk around it 1.5 times its distance to the mask's edge
+        (the over-segmented part it sits in is about that thick), at least 2 px."""
+        depth = distance_transform_edt(np.pad(old, 1))[1 + y, 1 + x]
+        yy, xx = np.ogrid[: old.shape[0], : old.shape[1]]
+        return (yy - y) ** 2 + (xx - x) ** 2 <= max(2.0, 1.5 * depth) ** 2
+
+    @staticmethod
+    def _cross(shape: tuple[int, int], y: int, x: int) -> np.ndarray:
+        cross = np.zeros(shape, dtype=bool)
+        for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+            if 0 <= y + dy < shape[0] and 0 <= x + dx < shape[1]:
+                cross[y + dy, x + dx] = True
+        return cross
+
+    def _click_prompts(self, old: np.ndarray, box: np.ndarray | None) -> list[dict]:
+        """What goes with a slice's clicks, in order of preference until one changes the clicked pixel: the
+        refinement prompt (`CLICK_PROMPTS`), then the box alone, then nothing (a misleading box)."""
+        if box is None:
+            return [{}]
+        logits = torch.logit(self.predictor.processor.mask_to_low_res(old).clamp(0.001, 0.999)).numpy()
+        prompts = {"mask": {"box": box, "mask_logits": logits}, "box": {"box": box}, "none": {}}
+        order = dict.fromkeys([CLICK_PROMPT, "box", "none"])
+        return [prompts[name] for name in order]
+
+    @staticmethod
+    def _edit(kind: str, old: np.ndarray, new: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """The pixels a click changes: the components of (new - old) for "fg", (old - new) for "bg", that touch
+        `seed`."""
+        changed = new & ~old if kind == "fg" else old & ~new
+        components, _ = connected_components(changed, structure=np.ones((3, 3), dtype=bool))
+        hit = np.unique(components[seed & changed])
+        return np.isin(components, hit[hit > 0])
+
+    def _carry_edit(self, state: ClassState, kind: str, edit: np.ndarray, z: int, step: int,
+                    reach: np.ndarray | None) -> None:
+        """Carry a click's correction to z + step, z + 2 step, ... while the same correction shows there:
+        each slice is decoded towards it (its mask's box and a click inside the previous slice's change) and
+        keeps the changed part that overlaps the previous slice's change; it ends where none does, at an
+        anchor, or at the volume's end. `reach`: where a background correction may remove."""
+        z += step
+        while 0 <= z < self.shape[0] and z not in state.anchors:
+            old = state.masks[z]
+            if kind == "fg":
+                new = self.segment(z, mask_box(old | edit, self.margin), [inner_point(edit)]).mask
+            else:
+                target = old & edit
+                if not target.any():
+                    break
+                new = self.segment(z, mask_box(old, self.margin), (), [inner_point(target)]).mask
+            carried = self._edit(kind, old, new, edit)
+            if reach is not None:
+                carried &= reach
+            if not carried.any() or carried.sum() > MAX_GROWTH * edit.sum() + 20:
+                break
+            edit = carried
+            state.masks[z] = old | edit if kind == "fg" else old & ~edit
+            if kind == "fg":
+                state.low, state.high = min(state.low, z), max(state.high, z)
+            z += step
 
     def _cut(self, state: ClassState, z: int) -> None:
         """Remove slice z and everything beyond it, away from the structure's first anchor."""
