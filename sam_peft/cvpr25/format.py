@@ -19,7 +19,7 @@ import numpy as np
 from ..data.label_maps import LabelMap, load_label_map
 from ..data.layouts import discover_cases
 from ..data.prepare import PrepareOptions, _load, _match_grids, to_unit_range
-from ..io import atomic_path
+from ..io import UNREADABLE, atomic_path
 
 BOX_SEED = 2025  # the organisers' seed for the box enlargement
 BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
@@ -66,7 +66,7 @@ def read_case(path: str | Path) -> ChallengeCase:
     try:
         with np.load(path, allow_pickle=True) as data:
             fields = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, *UNREADABLE) as error:
         raise ValueError(f"{path}: cannot be read as a challenge .npz ({type(error).__name__}: {error})") from error
     if "imgs" not in fields or "spacing" not in fields:
         raise ValueError(f"{path}: a challenge case needs 'imgs' and 'spacing', found {sorted(fields)}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import distance_transform_edt, label as connected_components
 
-from ..io import atomic_path
+from ..io import UNREADABLE, atomic_path
 from ..evaluation.metrics import dice_from_counts, surface_dice
 from .format import POINT, read_case, write_npz
 
@@ -167,7 +167,7 @@ def read_case_segs(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=True) as data:
             segs = np.asarray(data["segs"]).astype(np.uint8)
-    except (OSError, KeyError, ValueError, EOFError):
+    except (OSError, KeyError, ValueError, *UNREADABLE):
         return np.zeros(shape, dtype=np.uint8)
     return segs if segs.shape == tuple(shape) else np.zeros(shape, dtype=np.uint8)
 

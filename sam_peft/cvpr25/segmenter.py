@@ -205,7 +205,7 @@ class Segmenter:
         bg = [(px, py) for pz, py, px in clicks["bg"] if pz == z]
         box = mask_box(old | seed, self.margin) if old.any() else None
         edit = np.zeros_like(old)
-        for prompt in self._click_prompts(old, box):
+        for prompt in self._click_prompts(z, old, box):
             edit = self._edit(kind, old, self.segment(z, fg=fg, bg=bg, **prompt).mask, seed)
             if edit.any():
                 break
@@ -239,12 +239,15 @@ class Segmenter:
                 cross[y + dy, x + dx] = True
         return cross
 
-    def _click_prompts(self, old: np.ndarray, box: np.ndarray | None) -> list[dict]:
+    def _click_prompts(self, z: int, old: np.ndarray, box: np.ndarray | None) -> list[dict]:
         """What goes with a slice's clicks, in order of preference until one changes the clicked pixel: the
-        refinement prompt (`CLICK_PROMPTS`), then the box alone, then nothing (a misleading box)."""
+        refinement prompt (`CLICK_PROMPT`), then the box alone, then nothing (a misleading box)."""
         if box is None:
             return [{}]
-        logits = torch.logit(self.predictor.processor.mask_to_low_res(old).clamp(0.001, 0.999)).numpy()
+        low = self.predictor.processor.mask_to_low_res(old)[None, None]
+        side = 4 * self.embeddings(z).shape[-1]  # the decoder's mask side (256 for SAM models)
+        low = torch.nn.functional.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
+        logits = torch.logit(low[0, 0].clamp(0.001, 0.999)).numpy()  # the old mask as confident logits
         prompts = {"mask": {"box": box, "mask_logits": logits}, "box": {"box": box}, "none": {}}
         order = dict.fromkeys([CLICK_PROMPT, "box", "none"])
         return [prompts[name] for name in order]
