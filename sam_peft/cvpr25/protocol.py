@@ -195,7 +195,7 @@ def evaluate_protocol(cases: str | Path, predict: Predict, output: str | Path, g
     files = sorted(cases.glob("*.npz")) if cases.is_dir() else []
     if not files:
         raise ValueError(f"cases folder {cases} holds no challenge .npz files")
-    work = Path(work) if work is not None else output / "work"
+    work = (Path(work) if work is not None else output / "work").resolve()  # absolute: a docker -v needs it
     records = []
     for file in files:
         records.append(evaluate_case(file, predict, work, None if gts is None else Path(gts) / file.name))
