@@ -16,18 +16,10 @@ import numpy as np
 from ..evaluation.predictor import MultiOrganPredictor
 from ..io import atomic_path
 from .format import ChallengeCase, read_case, write_segmentation
+from .options import DEFAULT_PROPAGATION, Propagation
+from .segmenter import ClassState, EmbeddingCache, Segmenter, collapse, content_key, ordered_clicks
 
 STATE_VERSION = 2  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
-from .segmenter import (
-    DEFAULT_PROPAGATION,
-    ClassState,
-    EmbeddingCache,
-    Propagation,
-    Segmenter,
-    collapse,
-    content_key,
-    ordered_clicks,
-)
 
 
 def _check_clicks(case: ChallengeCase) -> None:

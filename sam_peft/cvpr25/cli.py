@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from .segmenter import DEFAULT_PROPAGATION, PROPAGATION
+from .options import DEFAULT_PROPAGATION, PROPAGATION
 
 
 def add_challenge_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -36,10 +35,8 @@ from ..evaluation.volume import PROPAGATION_MARGIN
 from ..io import atomic_path
 from ..prompts.behaviours import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, NEGATIVE, POSITIVE
 from .format import POINT, ChallengeCase
+from .options import DEFAULT_PROPAGATION, PROPAGATION, Propagation
 
-Propagation = Literal["box", "box+mask", "box+point", "box+mask+point"]
-PROPAGATION: tuple[str, ...] = ("box", "box+mask", "box+point", "box+mask+point")
-DEFAULT_PROPAGATION: Propagation = "box"
 CLICK_PROMPT = os.environ.get("SAMPEFT_CLICK_PROMPT", "mask")
 MAX_GROWTH = 2.0  # a carried correction larger than this times the previous slice's (+ 20 px) has leaked
 
