@@ -8,7 +8,7 @@
    slice prompted with its own ground-truth box: what propagation could reach at best with boxes).
 3. Protocol (--protocol): `python -m sam_peft.cvpr25 evaluate`, each of the six steps a fresh process.
 
-    OMP_NUM_THREADS=1 python benchmarks/cvpr25_protocol.py --output runs/cvpr25 --study --protocol
+    OMP_NUM_THREADS=1 python benchmarks/cvpr25_protocol.py --output runs/cvpr25 --protocol --study
 
 Embeddings are cached under OUTPUT/protocol/cache (shared by the study and the protocol run). The CT is the patient
 the bundled adapter was trained on: these numbers are not a generalisation claim.
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from sam_peft.cvpr25.options import PROPAGATION
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalseg_ct"
 # Abdominal organs, their vessels and the lumbar spine (TotalSegmentator names); the chest, pelvis, muscles
@@ -48,11 +50,11 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else 1.0
 
 
-def study(case_path: Path, output: Path, adapter: str) -> dict:
+def study(case_path: Path, output: Path, adapter: str, variants: tuple[str, ...]) -> dict:
     """Per-slice Dice vs distance from z_mid for each propagation variant, and the tight-box reference."""
     import sam_peft
     from sam_peft.cvpr25 import read_case
-    from sam_peft.cvpr25.segmenter import PROPAGATION, EmbeddingCache, Segmenter, content_key
+    from sam_peft.cvpr25.segmenter import EmbeddingCache, Segmenter, content_key
     from sam_peft.evaluation.predictor import MultiOrganPredictor
 
     case = read_case(case_path)
@@ -72,7 +74,7 @@ def study(case_path: Path, output: Path, adapter: str) -> dict:
                 mask = segmenter.segment(z, np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)).mask
                 tight.append(_dice(mask, truth[z]))
         result["tight_box"][name] = {"per_slice_mean": float(np.mean(tight))}
-        for variant in PROPAGATION:
+        for variant in variants:
             segmenter.propagation = variant
             start = time.perf_counter()
             state = segmenter.box_step(box)
@@ -80,7 +82,7 @@ def study(case_path: Path, output: Path, adapter: str) -> dict:
             result["variants"].setdefault(variant, {})[name] = {
                 "dsc": _dice(state.masks, truth), "per_slice": per_slice, "seconds": time.perf_counter() - start}
         print(f"{name:<30} tight-box {result['tight_box'][name]['per_slice_mean']:.3f}  " + "  ".join(
-            f"{v} {result['variants'][v][name]['dsc']:.3f}" for v in PROPAGATION), flush=True)
+            f"{v} {result['variants'][v][name]['dsc']:.3f}" for v in variants), flush=True)
     (output / "propagation_study.json").write_text(json.dumps(result, indent=1))
     report = study_table(result)
     (output / "propagation_study.md").write_text(report)
@@ -116,13 +118,15 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/cvpr25"))
     parser.add_argument("--adapter", default="litemedsam-phpg")
     parser.add_argument("--study", action="store_true", help="run the propagation study")
+    parser.add_argument("--variants", nargs="+", default=list(PROPAGATION), choices=PROPAGATION,
+                        help="propagation variants of the study (default: all)")
     parser.add_argument("--protocol", action="store_true", help="run the six-step protocol")
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = write_case(args.data, args.output)
     print(f"case written to {path}")
     if args.study:
-        study(path, args.output, args.adapter)
+        study(path, args.output, args.adapter, tuple(args.variants))
     if args.protocol:
         protocol(args.output)
 

@@ -184,7 +184,8 @@ def test_challenge_steps_reuse_their_cache(tiny, tmp_path):
     lines = []
     run_challenge(inputs, outputs, tiny, "tiny", cache, log=lines.append)
     first = read_case_segs(outputs / "c.npz")
-    assert first.shape == gts.shape and first.dtype == np.uint8 and "7 slices encoded" in lines[0]  # slices 1-7 hold a class
+    assert first.shape == gts.shape and first.dtype == np.uint8
+    assert "7 slices encoded" in lines[0]  # slices 1-7 hold a class
     fg, bg = (3, 10, 10), (4, 30, 30)  # a background-only voxel (class 1), and the blob's centre (class 2)
     clicks = [{"fg": [list(fg)], "bg": []}, {"fg": [], "bg": [list(bg)]}]
     _case_with_clicks(inputs / "c.npz", tmp_path / "source.npz", clicks, [["fg"], ["bg"]])

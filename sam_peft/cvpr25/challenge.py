@@ -19,7 +19,7 @@ from .format import ChallengeCase, read_case, write_segmentation
 from .options import DEFAULT_PROPAGATION, Propagation
 from .segmenter import ClassState, EmbeddingCache, Segmenter, collapse, content_key, ordered_clicks
 
-STATE_VERSION = 2  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
+STATE_VERSION = 3  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
 
 
 def _check_clicks(case: ChallengeCase) -> None:
@@ -46,13 +46,14 @@ def _load_states(path: Path, shape: tuple) -> tuple[list, list]:
             states.append(None)
             continue
         masks = np.unpackbits(packed[k], count=int(np.prod(shape))).reshape(shape).astype(bool)
-        states.append(ClassState(masks, info["low"], info["high"], set(info["anchors"]), info["centre"]))
+        states.append(ClassState(masks, info["low"], info["high"], set(info["anchors"]), info["centre"], info["boxed"]))
     return states, meta["clicks"]
 
 
 def _save_states(path: Path, states: list, applied: list) -> None:
     meta = {"states": [None if s is None else {"low": s.low, "high": s.high, "anchors": sorted(s.anchors),
-                                                 "centre": s.centre} for s in states], "clicks": applied}
+                                                 "centre": s.centre, "boxed": s.boxed} for s in states],
+            "clicks": applied}
     shape = next((s.masks.shape for s in states if s is not None), (0,))
     empty = np.zeros(int(np.prod(shape)), dtype=bool)
     masks = np.stack([np.packbits((empty if s is None else s.masks).ravel()) for s in states])

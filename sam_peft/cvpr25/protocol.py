@@ -52,7 +52,8 @@ def _edt(component: np.ndarray) -> np.ndarray:
     if halve:
         distance = distance.repeat(2, 0).repeat(2, 1).repeat(2, 2)
     out = np.zeros(component.shape, dtype=np.float64)
-    out[tuple(slice(a, b) for a, b in zip(low, high))] = distance[tuple(slice(p, p + n) for p, n in zip(pad, high - low))]
+    inner = tuple(slice(p, p + n) for p, n in zip(pad, high - low))
+    out[tuple(slice(a, b) for a, b in zip(low, high))] = distance[inner]
     return out * component
 
 

@@ -1,18 +1,18 @@
 """3D interactive segmentation from a 2D promptable model: a 3D box, then corrective 3D clicks.
 
 Box step: the box's middle slice is segmented from its box, and each mask's bounding box (slightly
-enlarged) prompts the next slice, both ways, within the box's slice range. Only the previous slice's box
-(and optionally a point inside its mask) is carried: SAM's mask prompt from the previous slice drifts on a
-model not trained with it (`PROPAGATION` names the variants; the default was chosen by measuring per-slice
-Dice against the distance to the middle slice, benchmarks/cvpr25_protocol.py).
+enlarged) prompts the next slice, both ways, within the box's slice range. `PROPAGATION` names what else a
+slice may pass on (its low-res logits as mask prompt, a point inside its mask); the default, the box
+alone, was chosen by measuring per-slice Dice against the distance to the middle slice
+(benchmarks/cvpr25_protocol.py --study).
 
-Click step: the clicked slice is segmented again from its box and all its clicks, becomes an anchor, and
-the correction is carried slice by slice away from it until the new mask agrees with the old one (the
-correction has faded out), another anchor is reached, or the structure ends. A foreground click on a slice
-where the structure is absent extends it from there (propagation runs on until `StopRule` ends it); a
-background click that empties its slice cuts the structure there. Without a box, the first foreground
-click starts the structure. Clicks are replayed in order, so a fresh process reaches the same masks;
-`Interaction` keeps them on disk to skip the replay.
+Click step: the clicked slice is decoded again from its mask (as a mask prompt), its box and all its
+clicks, and only the part of the change connected to the click is kept (a background click removes only
+around itself); the correction is then carried slice by slice while the neighbour's change overlaps the
+previous slice's, within the 3D box's slice range. A foreground click where the structure is absent
+extends it from there; a background click that empties its slice ends the structure there; without a box
+the first foreground click starts the structure. Clicks are replayed in order, so a fresh process reaches
+the same masks; the per-class masks are also kept on disk to skip the replay.
 
 Image embeddings are computed once per slice and case and kept on disk (`EmbeddingCache`), keyed by the
 hash of the image volume and the model, because each challenge step is a new process.
@@ -39,6 +39,7 @@ from .options import DEFAULT_PROPAGATION, PROPAGATION, Propagation
 
 CLICK_PROMPT = os.environ.get("SAMPEFT_CLICK_PROMPT", "mask")
 MAX_GROWTH = 2.0  # a carried correction larger than this times the previous slice's (+ 20 px) has leaked
+MIN_OVERLAP = 0.5  # of the smaller of two consecutive slices' masks, for an extension to go on
 
 
 def content_key(imgs: np.ndarray, model_id: str) -> str:
@@ -111,6 +112,7 @@ class ClassState:
     high: int
     anchors: set[int] = field(default_factory=set)  # slices the user prompted (box middle, clicked slices)
     centre: int | None = None  # the first anchor: "outwards" runs away from it
+    boxed: bool = False  # the range came from a 3D box: the structure does not reach beyond it
 
 
 class Segmenter:
@@ -162,7 +164,7 @@ class Segmenter:
         depth = self.shape[0]
         low, high = max(0, box["z_min"]), min(depth - 1, box["z_max"])
         z_mid = min(max(box["z_mid"], low), high)
-        state = ClassState(np.zeros(self.shape, dtype=bool), low, high, {z_mid}, z_mid)
+        state = ClassState(np.zeros(self.shape, dtype=bool), low, high, {z_mid}, z_mid, boxed=True)
         start = self.segment(z_mid, np.array([box["z_mid_x_min"], box["z_mid_y_min"],
                                               box["z_mid_x_max"], box["z_mid_y_max"]], dtype=np.float64))
         state.masks[z_mid] = start.mask
@@ -263,9 +265,13 @@ class Segmenter:
         """Carry a click's correction to z + step, z + 2 step, ... while the same correction shows there:
         each slice is decoded towards it (its mask's box and a click inside the previous slice's change) and
         keeps the changed part that overlaps the previous slice's change; it ends where none does, at an
-        anchor, or at the volume's end. `reach`: where a background correction may remove."""
+        anchor, at the end of a 3D box's slice range (the box spans the structure) or of the volume, or,
+        extending a structure past its slices, where the new slice shares under half of the last one's
+        pixels. `reach`: where a background correction may remove."""
         z += step
         while 0 <= z < self.shape[0] and z not in state.anchors:
+            if state.boxed and not state.low <= z <= state.high:
+                break
             old = state.masks[z]
             if kind == "fg":
                 new = self.segment(z, mask_box(old | edit, self.margin), [inner_point(edit)]).mask
@@ -279,6 +285,8 @@ class Segmenter:
                 carried &= reach
             if not carried.any() or carried.sum() > MAX_GROWTH * edit.sum() + 20:
                 break
+            if not old.any() and (carried & edit).sum() < MIN_OVERLAP * min(carried.sum(), edit.sum()):
+                break  # extending past the structure: the new slice must continue the last one
             edit = carried
             state.masks[z] = old | edit if kind == "fg" else old & ~edit
             if kind == "fg":
