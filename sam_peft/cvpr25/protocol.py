@@ -74,13 +74,38 @@ def error_click(truth: np.ndarray, pred: np.ndarray) -> tuple[str, POINT] | None
     return ("fg" if truth[point] else "bg"), point
 
 
+def nsd_method() -> str:
+    """Which NSD `challenge_nsd` computes: the organisers' (DeepMind's `surface-distance` package) or, without
+    that package, sam_peft's voxel-boundary NSD."""
+    try:
+        import surface_distance  # noqa: F401
+    except ImportError:
+        return "sam_peft voxel boundaries (install surface-distance for the organisers' NSD)"
+    return "surface-distance (DeepMind; the organisers' NSD)"
+
+
+def challenge_nsd(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
+    """NSD at 2 mm as the organisers score it: DeepMind's surfels weighted by their area. Their surfaces lie
+    between voxels, ours (`surface_dice`, the fallback) on boundary voxels, which on 3 mm voxels at a 2 mm
+    tolerance scores markedly lower (0.43 against 0.56 on the shared CT), so the package is used when
+    installed."""
+    try:
+        import surface_distance
+    except ImportError:
+        return surface_dice(pred, truth, spacing, NSD_TOLERANCE_MM)
+    if not pred.any() or not truth.any():
+        return float(pred.any() == truth.any())
+    distances = surface_distance.compute_surface_distances(truth, pred, tuple(float(s) for s in spacing))
+    return float(surface_distance.compute_surface_dice_at_tolerance(distances, NSD_TOLERANCE_MM))
+
+
 def class_scores(gts: np.ndarray, segs: np.ndarray, spacing: Sequence[float], with_nsd: bool = True) -> dict:
     """Per class k (1..K of `gts`): DSC and NSD at 2 mm of `segs == k` against `gts == k`."""
     out = {"dsc": [], "nsd": []}
     for k in np.unique(gts[gts > 0]):
         truth, pred = gts == k, segs == k
         out["dsc"].append(float(dice_from_counts((truth & pred).sum(), pred.sum(), truth.sum())))
-        out["nsd"].append(surface_dice(pred, truth, spacing, NSD_TOLERANCE_MM) if with_nsd else float("nan"))
+        out["nsd"].append(challenge_nsd(pred, truth, spacing) if with_nsd else float("nan"))
     return out
 
 
@@ -208,6 +233,7 @@ def evaluate_protocol(cases: str | Path, predict: Predict, output: str | Path, g
     summary["dsc_per_step"] = np.mean([r["dsc"] for r in records], 0).tolist()
     summary["nsd_per_step"] = np.mean([r["nsd"] for r in records], 0).tolist()
     summary["within_budget"] = all(r["within_budget"] for r in records)
+    summary["nsd"] = nsd_method()
     result = {"summary": summary, "cases": records}
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "metrics.json") as tmp:
