@@ -38,16 +38,17 @@ def _load_states(path: Path, shape: tuple) -> tuple[list, list]:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             packed = data["masks"]
-    except (OSError, KeyError, ValueError):
+        states = []
+        for k, info in enumerate(meta["states"]):
+            if info is None:
+                states.append(None)
+                continue
+            masks = np.unpackbits(packed[k], count=int(np.prod(shape))).reshape(shape).astype(bool)
+            states.append(ClassState(masks, info["low"], info["high"], set(info["anchors"]), info["centre"],
+                                     info["boxed"]))
+        return states, meta["clicks"]
+    except (OSError, KeyError, IndexError, TypeError, ValueError):
         return [], []
-    states = []
-    for k, info in enumerate(meta["states"]):
-        if info is None:
-            states.append(None)
-            continue
-        masks = np.unpackbits(packed[k], count=int(np.prod(shape))).reshape(shape).astype(bool)
-        states.append(ClassState(masks, info["low"], info["high"], set(info["anchors"]), info["centre"], info["boxed"]))
-    return states, meta["clicks"]
 
 
 def _save_states(path: Path, states: list, applied: list) -> None:
