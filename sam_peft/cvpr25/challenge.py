@@ -19,7 +19,7 @@ from .format import ChallengeCase, read_case, write_segmentation
 from .options import DEFAULT_PROPAGATION, Propagation
 from .segmenter import ClassState, EmbeddingCache, Segmenter, collapse, content_key, ordered_clicks
 
-STATE_VERSION = 3  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
+STATE_VERSION = 4  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
 
 
 def _check_clicks(case: ChallengeCase) -> None:

@@ -39,6 +39,7 @@ from .options import DEFAULT_PROPAGATION, PROPAGATION, Propagation
 
 CLICK_PROMPT = os.environ.get("SAMPEFT_CLICK_PROMPT", "mask")
 MAX_GROWTH = 2.0  # a carried correction larger than this times the previous slice's (+ 20 px) has leaked
+MAX_ADDITION = 1.0  # a foreground click adds at most this times the slice's mask (at least 50 px)
 MIN_OVERLAP = 0.5  # of the smaller of two consecutive slices' masks, for an extension to go on
 
 
@@ -206,6 +207,8 @@ class Segmenter:
         edit = np.zeros_like(old)
         for prompt in self._click_prompts(z, old, box):
             edit = self._edit(kind, old, self.segment(z, fg=fg, bg=bg, **prompt).mask, seed)
+            if kind == "fg" and edit.sum() > MAX_ADDITION * max(old.sum(), 50):
+                edit[:] = False  # more than the slice's mask again: a leak, not the missed part
             if edit.any():
                 break
         if kind == "bg":  # only around the click: a negative click made the model drop whole organ parts
