@@ -6,7 +6,7 @@
    slice passes to the next: its mask's box, + its low-res logits as mask prompt, + a point inside it),
    per-slice Dice against the distance to the box's middle slice, and the per-slice tight-box Dice (each
    slice prompted with its own ground-truth box: what propagation could reach at best with boxes).
-3. Protocol (--protocol): `python -m sam_peft.cvpr25 evaluate`, each of the six steps a fresh process.
+3. Protocol (--protocol): `sam-peft evaluate --protocol cvpr25`, each of the six steps a fresh process.
 
     OMP_NUM_THREADS=1 python benchmarks/cvpr25_protocol.py --output runs/cvpr25 --protocol --study
 
@@ -108,7 +108,7 @@ def study_table(result: dict) -> str:
 
 
 def protocol(output: Path) -> None:
-    subprocess.run([sys.executable, "-m", "sam_peft.cvpr25", "evaluate", "--data", str(output / "cases"),
+    subprocess.run([sys.executable, "-m", "sam_peft.cli", "evaluate", "--protocol", "cvpr25", "--data", str(output / "cases"),
                     "--output", str(output / "protocol")], check=True)
 
 

@@ -29,6 +29,9 @@ COMMANDS = {
              "them to a folder (--to-folder)"),
     "app": ("sam_peft.app.cli", "interactive web app: click organs on a CT, propagate, export labels (needs the "
             "app extra)"),
+    "challenge": ("sam_peft.cvpr25.cli", "one step of the CVPR 2025 interactive 3D challenge (its predict.sh "
+                  "contract: 3D boxes, then corrective clicks)"),
+    "challenge-cases": ("sam_peft.cvpr25.cli", "write labelled volumes as CVPR 2025 challenge cases (.npz)"),
 }
 
 
@@ -63,13 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The full parser of one command (importing its module), prog `sam-peft NAME`."""
     parser = argparse.ArgumentParser(prog="sam-peft")
-    add = getattr(importlib.import_module(COMMANDS[name][0]), f"add_{name}_parser")
+    add = getattr(importlib.import_module(COMMANDS[name][0]), f"add_{_python_name(name)}_parser")
     return add(parser.add_subparsers(dest="command"))
+
+
+def _python_name(command: str) -> str:
+    return command.replace("-", "_")
 
 
 def _run(command: str, argv: list[str]) -> None:
     module = importlib.import_module(COMMANDS[command][0])
-    run = getattr(module, f"run_{command}")
+    run = getattr(module, f"run_{_python_name(command)}")
     if command == "train":
         run(argv)  # train's option defaults come from its --config: it parses its own options
     else:

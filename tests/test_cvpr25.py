@@ -1,6 +1,7 @@
 """The CVPR 2025 interactive 3D protocol: case files, simulated clicks, scores, and the 3D segmenter."""
 import csv
 import json
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +12,7 @@ from transformers import SamConfig, SamModel
 
 from sam_peft.cvpr25 import (auc, boxes_of, error_click, evaluate_protocol, read_case, run_challenge, step_scores,
                              write_case, write_cases)
-from sam_peft.cvpr25.__main__ import main
+from sam_peft.cli import main
 from sam_peft.cvpr25.format import write_npz, write_segmentation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -248,3 +249,25 @@ def test_real_model_on_a_ct_crop(totalseg_dir, litemedsam, tmp_path):
     record = evaluate_protocol(tmp_path / "cases", predict, tmp_path / "eval")["cases"][0]
     assert record["dsc"][0] > 0.85
     assert record["dsc_final"] >= record["dsc"][1] - 0.005
+
+
+def test_evaluate_protocol_cvpr25_from_the_command_line(tmp_path, capsys):
+    """`sam-peft evaluate --protocol cvpr25` runs the participant's --command six times, each a fresh process."""
+    imgs, gts = _volume()
+    write_case(tmp_path / "cases" / "c.npz", imgs, gts, (2.0, 1.0, 1.0), ["blob", "block"])
+    program = tmp_path / "predict.py"  # a participant that segments the block everywhere and nothing else
+    program.write_text(
+        "import sys, pathlib, numpy as np\n"
+        "inputs, outputs = map(pathlib.Path, sys.argv[1:])\n"
+        "outputs.mkdir(parents=True, exist_ok=True)\n"
+        "for case in inputs.glob('*.npz'):\n"
+        "    segs = np.zeros(np.load(case, allow_pickle=True)['imgs'].shape, np.uint8)\n"
+        "    segs[2:6, 40:50, 52:64] = 2\n"
+        "    np.savez_compressed(outputs / case.name, segs=segs)\n")
+    code = main(["evaluate", "--protocol", "cvpr25", "--data", str(tmp_path / "cases"), "--output",
+                 str(tmp_path / "eval"), "--command", f"{sys.executable} {program} {{inputs}} {{outputs}}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "DSC per step 0.5000 0.5000" in out, out
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"]
+    assert summary["dsc_per_step"] == pytest.approx([0.5] * 6)  # class 2 perfect, class 1 missed, every step
+    assert (tmp_path / "eval" / "metrics.csv").exists()

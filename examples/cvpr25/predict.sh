@@ -4,4 +4,4 @@
 # The six steps of a case are six runs; slice embeddings and masks are kept in outputs/.sam_peft_cache.
 set -e
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python -m sam_peft.cvpr25 challenge --inputs inputs --outputs outputs "$@"
+sam-peft challenge --inputs inputs --outputs outputs "$@"

@@ -46,7 +46,7 @@ def run_challenge(args: argparse.Namespace) -> None:
     segment(args.inputs, args.outputs, model, f"{args.model}|{adapter}", args.cache, args.propagation)
 
 
-def add_cases_parser(subparsers) -> argparse.ArgumentParser:
+def add_challenge_cases_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "challenge-cases", help="write labelled volumes as CVPR 2025 challenge cases (imgs, gts, spacing, boxes)",
         description="Any layout `prepare` reads -> OUTPUT/<case>.npz: the volume in display orientation, "
@@ -63,7 +63,7 @@ def add_cases_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run_cases(args: argparse.Namespace) -> None:
+def run_challenge_cases(args: argparse.Namespace) -> None:
     from .format import write_cases
 
     for path in write_cases(args.images, args.labels, args.output, args.label_map, args.organs, args.min_voxels,
@@ -87,10 +87,16 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_command(args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, "-m", "sam_peft.cvpr25", "challenge", "--inputs", "{inputs}", "--outputs",
-               "{outputs}", "--cache", f"{args.output}/cache", "--model", args.model, "--device", args.device,
+    command = [sys.executable, "-m", "sam_peft.cli", "challenge", "--inputs", "{inputs}", "--outputs",
+               "{outputs}", "--cache", f"{args.output}/cache", "--model", args.model, "--device", str(args.device),
                "--propagation", args.propagation]
-    return command + (["--adapter", args.adapter] if getattr(args, "adapter", None) else [])
+    if getattr(args, "adapter", None):
+        command += ["--adapter", args.adapter]
+    if getattr(args, "no_adapter", False):
+        command.append("--no-adapter")
+    if getattr(args, "box_prompts", None):
+        command += ["--box-prompts", args.box_prompts]
+    return command
 
 
 def run_protocol(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ import argparse
 
 import torch
 
+from ..cvpr25.cli import add_protocol_arguments, run_protocol
 from ..data.cli import window_option
 from ..data.prepare import WINDOWS, check_writable, load_prepared
 from ..io import reading
@@ -135,10 +136,13 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=bounded(int, 1), default=8, help="slices per forward (default: 8)")
     parser.add_argument("--seed", type=bounded(int, 0), default=0,
                         help="seed of the randomised prompts (jittered boxes, random clicks) (default: 0)")
+    add_protocol_arguments(parser)
     return parser
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    if args.protocol == "cvpr25":
+        return run_protocol(args)
     check_writable(args.output, "--output")
     data = load_prepared(args.data)  # before the model: a wrong path fails fast
     if args.split not in data:
