@@ -5,4 +5,4 @@ from typing import Literal
 
 Propagation = Literal["box", "box+mask", "box+point", "box+mask+point"]
 PROPAGATION: tuple[str, ...] = ("box", "box+mask", "box+point", "box+mask+point")
-DEFAULT_PROPAGATION: Propagation = "box"
+DEFAULT_PROPAGATION: Propagation = "box+mask+point"
