@@ -84,10 +84,10 @@ def test_import_sam_peft_loads_no_optional_module_and_every_public_name_resolves
     assert first == [] and missing == [], done.stderr
     assert after == [], f"using every public name imported {after}"
     assert names == sorted(["BEHAVIOURS", "CBDPSampler", "DEFAULT_ADAPTER", "MultiOrganPredictor", "PHPGCollator",
-                            "PHPGStep", "PRESETS", "TrainConfig", "apply_lora", "default_adapter_for", "evaluate",
-                            "load_adapter", "load_base_model", "load_prepared", "next_clicks", "phantom_dataset",
-                            "phpg_forward", "predict_volume", "prepare", "processor_for", "push_to_hub",
-                            "save_adapter", "train"])
+                            "PHPGRecipe", "PHPGStep", "PHPGTrainer", "PRESETS", "TrainConfig", "apply_lora",
+                            "default_adapter_for", "evaluate", "export_adapter", "load_adapter", "load_base_model",
+                            "load_prepared", "next_clicks", "phantom_dataset", "phpg_forward", "predict_volume",
+                            "prepare", "processor_for", "push_to_hub", "save_adapter", "train"])
 
 
 def test_unknown_public_name_is_an_attribute_error():

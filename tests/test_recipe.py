@@ -4,7 +4,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -136,7 +135,7 @@ def test_each_kept_sample_is_seen_once_across_two_processes(setup, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH"))
                                          if p)}
-    command = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "0", str(REPO / "tests" / "dist_recipe_script.py"), str(setup / "tiny_sam"), str(setup / "data"),
                str(out)]

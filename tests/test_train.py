@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -173,7 +172,7 @@ def _launch(config: dict, path: Path, processes: int = 1, *extra: str) -> subpro
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path_}
     head = [sys.executable]
     if processes > 1:
-        head = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes",
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                 str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", "0"]
     # SIGINT back to its default: a shell's background job (CI, say) starts with it ignored, and the child

@@ -135,19 +135,6 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         self.last_step = progress.step
 
-
-@contextmanager
-def _quiet_shared_tensors():
-    """accelerate reports the positional embedding SAM shares between its image and prompt encoders as
-    "Removed shared tensor" at every checkpoint; loading ties it again, so the user has nothing to act on."""
-    log = logging.getLogger("accelerate.utils.other")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
     def resume(self, accelerator: Accelerator, candidates: list[Path]) -> None:
         """Load the newest of `candidates` that loads on every process; say which were skipped and why."""
         reasons = []
@@ -412,3 +399,16 @@ def _strict_json(value):
     if hasattr(value, "item") and not hasattr(value, "__len__"):
         value = value.item()
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@contextmanager
+def _quiet_shared_tensors():
+    """accelerate reports the positional embedding SAM shares between its image and prompt encoders as
+    "Removed shared tensor" at every checkpoint; loading ties it again, so the user has nothing to act on."""
+    log = logging.getLogger("accelerate.utils.other")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
