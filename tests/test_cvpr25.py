@@ -271,3 +271,11 @@ def test_evaluate_protocol_cvpr25_from_the_command_line(tmp_path, capsys):
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"]
     assert summary["dsc_per_step"] == pytest.approx([0.5] * 6)  # class 2 perfect, class 1 missed, every step
     assert (tmp_path / "eval" / "metrics.csv").exists()
+
+
+def test_auto_propagation_follows_the_model():
+    from sam_peft.cvpr25.options import propagation_for
+
+    assert propagation_for("auto", has_adapter=True) == "box+mask+point"
+    assert propagation_for("auto", has_adapter=False) == "box"
+    assert propagation_for("box+mask", has_adapter=True) == "box+mask"

@@ -16,7 +16,7 @@ import numpy as np
 from ..evaluation.predictor import MultiOrganPredictor
 from ..io import atomic_path
 from .format import ChallengeCase, read_case, write_segmentation
-from .options import DEFAULT_PROPAGATION, Propagation
+from .options import DEFAULT_PROPAGATION, Propagation, propagation_for
 from .segmenter import ClassState, EmbeddingCache, Segmenter, collapse, content_key, ordered_clicks
 
 STATE_VERSION = 4  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
@@ -87,9 +87,11 @@ def segment_case(case: ChallengeCase, segmenter: Segmenter, saved: tuple[list, l
 
 
 def run_challenge(inputs: str | Path, outputs: str | Path, model, model_id: str, cache: str | Path | None = None,
-                  propagation: Propagation = DEFAULT_PROPAGATION, log=print) -> list[Path]:
+                  propagation: Propagation | str = DEFAULT_PROPAGATION, log=print) -> list[Path]:
     """The predict.sh contract: segment every `inputs/*.npz` into `outputs/<case>.npz`. `model_id` names the
-    model in the cache key; `cache` defaults to `<outputs>/.sam_peft_cache` (False-y string "" disables it)."""
+    model in the cache key; `cache` defaults to `<outputs>/.sam_peft_cache` (False-y string "" disables it);
+    `propagation`: a variant of `PROPAGATION`, or "auto" (`propagation_for`)."""
+    propagation = propagation_for(propagation, has_adapter=hasattr(model, "disable_adapter"))
     inputs, outputs = Path(inputs), Path(outputs)
     files = sorted(inputs.glob("*.npz")) if inputs.is_dir() else []
     if not files:

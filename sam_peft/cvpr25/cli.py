@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from .options import DEFAULT_PROPAGATION, PROPAGATION
+from .options import DEFAULT_PROPAGATION, PROPAGATION_CHOICES
 
 
 def add_challenge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +17,10 @@ def add_challenge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outputs", required=True, help="folder for <case>.npz with 'segs'")
     parser.add_argument("--cache", help="folder for slice embeddings and per-class masks kept between steps "
                         "(default: OUTPUTS/.sam_peft_cache; '' disables it)")
-    parser.add_argument("--propagation", default=DEFAULT_PROPAGATION, choices=PROPAGATION,
+    parser.add_argument("--propagation", default=DEFAULT_PROPAGATION, choices=PROPAGATION_CHOICES,
                         help="what a slice passes to the next: the box of its mask, plus its low-res logits as "
-                        f"mask prompt and/or a point inside it (default: {DEFAULT_PROPAGATION})")
+                        "mask prompt and/or a point inside it; auto: box+mask+point with an adapter, the box "
+                        f"alone for a plain base (default: {DEFAULT_PROPAGATION})")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -82,7 +83,7 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--command", help="cvpr25: the participant's program, run once per step with {inputs} and "
                        "{outputs} filled in, e.g. 'docker run ... -v {inputs}:/workspace/inputs ...' (default: "
                        "sam-peft challenge with --model / --adapter)")
-    group.add_argument("--propagation", default=DEFAULT_PROPAGATION, choices=PROPAGATION,
+    group.add_argument("--propagation", default=DEFAULT_PROPAGATION, choices=PROPAGATION_CHOICES,
                        help="cvpr25, default command: see `sam-peft challenge --help`")
 
 

@@ -35,7 +35,7 @@ from ..evaluation.volume import PROPAGATION_MARGIN
 from ..io import atomic_path
 from ..prompts.behaviours import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, NEGATIVE, POSITIVE
 from .format import POINT, ChallengeCase
-from .options import DEFAULT_PROPAGATION, PROPAGATION, Propagation
+from .options import PROPAGATION, Propagation
 
 CLICK_PROMPT = os.environ.get("SAMPEFT_CLICK_PROMPT", "mask")
 MAX_GROWTH = 2.0  # a carried correction larger than this times the previous slice's (+ 20 px) has leaked
@@ -120,7 +120,7 @@ class Segmenter:
     """3D box and click interaction for every class of one case (see the module docstring)."""
 
     def __init__(self, predictor: MultiOrganPredictor, embeddings: EmbeddingCache, shape: tuple[int, int, int],
-                 propagation: Propagation = DEFAULT_PROPAGATION):
+                 propagation: Propagation = "box"):
         if propagation not in PROPAGATION:
             raise ValueError(f"propagation must be one of {PROPAGATION}, got {propagation!r}")
         self.predictor, self.embeddings, self.shape = predictor, embeddings, shape
