@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.integrate import cumulative_trapezoid
-from transformers import SamConfig, SamModel
+from transformers import SamModel
 
 from sam_peft.cvpr25 import (auc, boxes_of, error_click, evaluate_protocol, read_case, run_challenge, step_scores,
                              write_case, write_cases)
 from sam_peft.cli import main
+from test_models import tiny_sam_config
 from sam_peft.cvpr25.format import write_npz, write_segmentation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,13 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _tiny_sam() -> SamModel:
     """A random tiny SAM: the segmenter's logic must hold for any model."""
     torch.manual_seed(0)
-    config = SamConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, image_size=128,
-                           patch_size=16, output_channels=32, global_attn_indexes=[1], num_pos_feats=16),
-        prompt_encoder_config=dict(image_size=128, patch_size=16, image_embedding_size=8, hidden_size=32),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
-    )
-    return SamModel(config).eval()
+    return SamModel(tiny_sam_config()).eval()
 
 
 def _volume(shape=(8, 64, 72)) -> tuple[np.ndarray, np.ndarray]:

@@ -13,27 +13,15 @@ import pytest
 import torch
 from transformers import SamModel
 
-from sam_peft.data import load_prepared, phantom_cases, prepare_volumes, read_metadata
+from sam_peft.data import load_prepared, read_metadata
 from sam_peft.models import processor_for
 from sam_peft.prompts import BEHAVIOURS
 from sam_peft.pruning import CBDPSampler
 from sam_peft.training import PHPGRecipe
 from sam_peft.training.recipe import organs_per_sample
-from test_models import tiny_sam_config
+from test_train import setup  # noqa: F401 - the tiny SAM and a phantom prepared at 20 px (above MIN_PIXELS)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny random SAM (saved for the launched processes) and a prepared phantom whose prepare threshold (20 px)
-    is above the recipe's default (10 px)."""
-    root = tmp_path_factory.mktemp("recipe")
-    torch.manual_seed(0)
-    SamModel(tiny_sam_config()).save_pretrained(root / "tiny_sam")
-    prepare_volumes(phantom_cases(4, seed=1, shape=(8, 64, 64), spacing=(3.0, 2.5, 2.5)), output=root / "data",
-                    label_map="flare22", val_fraction=0.25, seed=0, min_pixels=20)
-    return root
 
 
 @pytest.fixture(scope="module")
