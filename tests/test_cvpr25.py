@@ -15,6 +15,7 @@ from sam_peft.cvpr25 import (auc, boxes_of, error_click, evaluate_protocol, read
 from sam_peft.cli import main
 from test_models import tiny_sam_config
 from sam_peft.cvpr25.format import write_npz, write_segmentation
+from sam_peft.cvpr25.segmenter import ClassState, Wand, collapse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -196,6 +197,57 @@ def test_challenge_steps_reuse_their_cache(tiny, tmp_path):
 def read_case_segs(path):
     with np.load(path) as data:
         return data["segs"]
+
+
+def _ring_slice() -> tuple[np.ndarray, np.ndarray]:
+    """A vertebra-like slice: a bright ring (bone) around a darker hole (canal) on a grey background, and a
+    mask that fills the ring, hole included, as the 2D model does."""
+    y, x = np.ogrid[:48, :48]
+    r2 = (y - 24) ** 2 + (x - 24) ** 2
+    image = np.full((48, 48), 60.0)
+    image[r2 <= 14 ** 2] = 230
+    image[r2 <= 7 ** 2] = 120
+    return image.astype(np.uint8), r2 <= 14 ** 2
+
+
+def test_wand_takes_the_clicks_intensity_region():
+    image, mask = _ring_slice()
+    hole = (np.ogrid[:48, :48][0] - 24) ** 2 + (np.ogrid[:48, :48][1] - 24) ** 2 <= 7 ** 2
+    wand = Wand.at(image, mask, "bg", 24, 24)  # a background click in the hole the mask filled
+    seed = np.zeros_like(mask)
+    seed[24, 24] = True
+    assert wand is not None and (wand.region(image, mask, "bg", seed) == hole).all()  # the hole, not the ring
+    missed = mask & ~hole
+    missed[:, :24] = False  # the mask left out the right half of the ring
+    kept = mask & ~missed
+    seed = np.zeros_like(mask)
+    seed[24, 34] = True
+    added = Wand.at(image, kept, "fg", 24, 34).region(image, kept, "fg", seed)
+    assert added.any() and not (added & ~missed).any()  # grows over the ring only, not into the background
+    flat = np.full_like(image, 100)
+    assert Wand.at(flat, mask, "bg", 24, 24) is None  # no contrast: the wand does not guess
+
+
+def _state(masks: np.ndarray, size: int | None = None) -> ClassState:
+    return ClassState(masks, 0, masks.shape[0] - 1, size=size)
+
+
+def test_a_foreground_click_settles_an_overlap():
+    large, small = np.zeros((5, 20, 20), dtype=bool), np.zeros((5, 20, 20), dtype=bool)
+    large[:, 2:16, 2:16] = True
+    small[:, 10:18, 10:18] = True
+    states = [_state(large), _state(small)]
+    segs = collapse(states, large.shape)
+    assert (segs[:, 12, 12] == 2).all()  # the smaller structure wins an overlap
+    segs = collapse(states, large.shape, [[("fg", (2, 12, 12))], []])
+    overlap = large & small
+    assert (segs[overlap] == 1).all()  # the click on the large one's side gives it the overlap, on every slice
+    assert (segs[small & ~large] == 2).all()
+    # which class is "smaller" is fixed by the box step, not by masks that clicks have since resized
+    states = [_state(large, size=int(large.sum())), _state(small.copy(), size=int(small.sum()))]
+    states[0].masks[:, :10, :] = False
+    states[0].masks[:, :, :10] = False  # the large one is now the smaller mask (36 voxels a slice against 64)
+    assert (collapse(states, large.shape)[overlap] == 2).all()
 
 
 def test_clicks_only_case_starts_from_the_first_foreground_click(tiny, tmp_path):

@@ -19,7 +19,7 @@ from .format import ChallengeCase, read_case, write_segmentation
 from .options import DEFAULT_PROPAGATION, Propagation, propagation_for
 from .segmenter import ClassState, EmbeddingCache, Segmenter, collapse, content_key, ordered_clicks
 
-STATE_VERSION = 4  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
+STATE_VERSION = 5  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
 
 
 def _check_clicks(case: ChallengeCase) -> None:
@@ -45,7 +45,7 @@ def _load_states(path: Path, shape: tuple) -> tuple[list, list]:
                 continue
             masks = np.unpackbits(packed[k], count=int(np.prod(shape))).reshape(shape).astype(bool)
             states.append(ClassState(masks, info["low"], info["high"], set(info["anchors"]), info["centre"],
-                                     info["boxed"]))
+                                     info["boxed"], info["size"]))
         return states, meta["clicks"]
     except (OSError, KeyError, IndexError, TypeError, ValueError):
         return [], []
@@ -53,7 +53,7 @@ def _load_states(path: Path, shape: tuple) -> tuple[list, list]:
 
 def _save_states(path: Path, states: list, applied: list) -> None:
     meta = {"states": [None if s is None else {"low": s.low, "high": s.high, "anchors": sorted(s.anchors),
-                                                 "centre": s.centre, "boxed": s.boxed} for s in states],
+                                                 "centre": s.centre, "boxed": s.boxed, "size": s.size} for s in states],
             "clicks": applied}
     shape = next((s.masks.shape for s in states if s is not None), (0,))
     empty = np.zeros(int(np.prod(shape)), dtype=bool)
@@ -114,7 +114,7 @@ def run_challenge(inputs: str | Path, outputs: str | Path, model, model_id: str,
         if state_file is not None:
             _save_states(state_file, states, applied)
         path = outputs / file.name
-        write_segmentation(path, collapse(states, case.imgs.shape))
+        write_segmentation(path, collapse(states, case.imgs.shape, applied))
         written.append(path)
         log(f"{file.name}: {case.num_classes} classes, {embeddings.encoded} slices encoded, {segmenter.decoded} "
             f"decoded, {time.perf_counter() - start:.1f} s")

@@ -2,17 +2,19 @@
 
 Box step: the box's middle slice is segmented from its box, and each mask's bounding box (slightly
 enlarged) prompts the next slice, both ways, within the box's slice range. `PROPAGATION` names what else a
-slice may pass on (its low-res logits as mask prompt, a point inside its mask); the default, the box
-alone, was chosen by measuring per-slice Dice against the distance to the middle slice
-(benchmarks/cvpr25_protocol.py --study).
+slice may pass on (its low-res logits as mask prompt, a point inside its mask); the default is chosen by
+measuring per-slice Dice against the distance to the middle slice (benchmarks/cvpr25_protocol.py --study).
 
 Click step: the clicked slice is decoded again from its mask (as a mask prompt), its box and all its
 clicks, and only the part of the change connected to the click is kept (a background click removes only
-around itself); the correction is then carried slice by slice while the neighbour's change overlaps the
-previous slice's, within the 3D box's slice range. A foreground click where the structure is absent
+around itself). Where the model ignores the click (a vertebra's disc or spinal canal kept inside its mask)
+the click's intensity region (`Wand`) is taken instead, where it differs enough from the other side. The
+correction is then carried slice by slice while the neighbour's change overlaps the previous slice's and
+changes less than half of its mask, within the 3D box's slice range. A foreground click where the structure is absent
 extends it from there; a background click that empties its slice ends the structure there; without a box
 the first foreground click starts the structure. Clicks are replayed in order, so a fresh process reaches
-the same masks; the per-class masks are also kept on disk to skip the replay.
+the same masks; the per-class masks are also kept on disk to skip the replay. Classes are merged into one
+label volume by `collapse`, where a foreground click also settles who owns an overlap.
 
 Image embeddings are computed once per slice and case and kept on disk (`EmbeddingCache`), keyed by the
 hash of the image volume and the model, because each challenge step is a new process.
@@ -40,7 +42,11 @@ from .options import PROPAGATION, Propagation
 CLICK_PROMPT = os.environ.get("SAMPEFT_CLICK_PROMPT", "mask")
 MAX_GROWTH = 2.0  # a carried correction larger than this times the previous slice's (+ 20 px) has leaked
 MAX_ADDITION = 1.0  # a foreground click adds at most this times the slice's mask (at least 50 px)
+MAX_CARRIED_CHANGE = 0.5  # a carried correction adds or removes at most this share of a neighbour's mask
 MIN_OVERLAP = 0.5  # of the smaller of two consecutive slices' masks, for an extension to go on
+WAND_MIN_CONTRAST = 20.0  # intensity steps (of 255) between a click and the other side for the wand to act
+WAND_NEAR = 13.0  # px: the other side's intensity is read within this distance of the click
+WAND_REACH = 3.0  # a wand region stays within this times its thickness at the click
 
 
 def content_key(imgs: np.ndarray, model_id: str) -> str:
@@ -114,6 +120,55 @@ class ClassState:
     anchors: set[int] = field(default_factory=set)  # slices the user prompted (box middle, clicked slices)
     centre: int | None = None  # the first anchor: "outwards" runs away from it
     boxed: bool = False  # the range came from a 3D box: the structure does not reach beyond it
+    size: int | None = None  # the box step's voxel count: fixes which class wins an overlap
+
+
+@dataclass
+class Wand:
+    """A click's intensity region, for clicks the 2D model ignores (a vertebra's disc or spinal canal kept
+    inside its mask, a process left out): the pixels whose intensity is nearer the click's than the
+    other side's (the mask for a background click, the background around it for a foreground one), within
+    a disk of `WAND_REACH` times the region's thickness at the click."""
+
+    value: float  # the click's intensity (median of its 3 x 3 neighbourhood)
+    threshold: float  # halfway to the other side's median
+    centre: tuple[int, int]
+    radius: float
+
+    @classmethod
+    def at(cls, image: np.ndarray, old: np.ndarray, kind: str, y: int, x: int) -> "Wand | None":
+        """The wand of a click at (y, x), or None where the two sides' intensities are too close to tell."""
+        image = image.astype(np.float64)
+        value = float(np.median(image[max(0, y - 1): y + 2, max(0, x - 1): x + 2]))
+        other = cls._disk(old.shape, y, x, WAND_NEAR) & (old if kind == "bg" else ~old)  # what stays as it is
+        other &= np.abs(image - value) > WAND_MIN_CONTRAST
+        if other.sum() < 5:
+            return None
+        wand = cls(value, (value + float(np.median(image[other]))) / 2, (y, x), 0.0)
+        inside = wand._similar(image) & (old if kind == "bg" else ~old)
+        if not inside[y, x]:
+            return None
+        thickness = distance_transform_edt(np.pad(inside, 1))[1 + y, 1 + x]
+        wand.radius = max(3.0, WAND_REACH * thickness)
+        return wand
+
+    def _similar(self, image: np.ndarray) -> np.ndarray:
+        """Pixels on the click's side of the threshold."""
+        image = np.asarray(image, dtype=np.float64)
+        return image >= self.threshold if self.value >= self.threshold else image < self.threshold
+
+    @staticmethod
+    def _disk(shape: tuple[int, int], y: int, x: int, radius: float) -> np.ndarray:
+        yy, xx = np.ogrid[: shape[0], : shape[1]]
+        return (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
+
+    def region(self, image: np.ndarray, old: np.ndarray, kind: str, touching: np.ndarray) -> np.ndarray:
+        """The wand's connected region on a slice (with its mask `old`) that meets `touching`."""
+        candidate = self._similar(image) & (old if kind == "bg" else ~old)
+        candidate &= self._disk(old.shape, *self.centre, self.radius)
+        components, _ = connected_components(candidate)
+        hit = np.unique(components[touching & candidate])
+        return np.isin(components, hit[hit > 0])
 
 
 class Segmenter:
@@ -124,6 +179,7 @@ class Segmenter:
         if propagation not in PROPAGATION:
             raise ValueError(f"propagation must be one of {PROPAGATION}, got {propagation!r}")
         self.predictor, self.embeddings, self.shape = predictor, embeddings, shape
+        self.imgs = embeddings.imgs
         self.propagation = propagation
         self.margin = PROPAGATION_MARGIN * max(shape[1:]) / 1024
         self.decoded = 0
@@ -171,6 +227,7 @@ class Segmenter:
         state.masks[z_mid] = start.mask
         for step in (1, -1):
             self._propagate(state, start, z_mid, step)
+        state.size = int(state.masks.sum())
         return state
 
     def _propagate(self, state: ClassState, start: SliceResult, z0: int, step: int) -> None:
@@ -213,7 +270,12 @@ class Segmenter:
                 break
         if kind == "bg":  # only around the click: a negative click made the model drop whole organ parts
             edit &= self._reach(old, y, x)
-        if not edit.any():  # the model would not change the clicked pixel: change it and its 4 neighbours
+        wand = None
+        if not edit.any():  # the model would not change the clicked pixel: the region of the click's intensity
+            wand = Wand.at(self.imgs[z], old, kind, y, x)
+            edit = wand.region(self.imgs[z], old, kind, seed) if wand is not None else edit
+            wand = wand if edit.any() else None
+        if not edit.any():  # nor does the intensity single out a region: change the click and its 4 neighbours
             edit = self._cross(old.shape, y, x) & (~old if kind == "fg" else old)
         state.anchors.add(z)
         state.masks[z] = old | edit if kind == "fg" else old & ~edit
@@ -222,7 +284,10 @@ class Segmenter:
             return state
         state.low, state.high = min(state.low, z), max(state.high, z)
         for step in (1, -1):
-            self._carry_edit(state, kind, edit, z, step, self._reach(old, y, x) if kind == "bg" else None)
+            if wand is not None:
+                self._carry_wand(state, kind, wand, edit, z, step)
+            else:
+                self._carry_edit(state, kind, edit, z, step, self._reach(old, y, x) if kind == "bg" else None)
         return state
 
     @staticmethod
@@ -288,8 +353,31 @@ class Segmenter:
                 carried &= reach
             if not carried.any() or carried.sum() > MAX_GROWTH * edit.sum() + 20:
                 break
+            if old.any() and carried.sum() > MAX_CARRIED_CHANGE * old.sum():
+                break  # a slice grows or shrinks by more than half: the correction has left the error it fixes
             if not old.any() and (carried & edit).sum() < MIN_OVERLAP * min(carried.sum(), edit.sum()):
                 break  # extending past the structure: the new slice must continue the last one
+            edit = carried
+            state.masks[z] = old | edit if kind == "fg" else old & ~edit
+            if kind == "fg":
+                state.low, state.high = min(state.low, z), max(state.high, z)
+            z += step
+
+    def _carry_wand(self, state: ClassState, kind: str, wand: "Wand", edit: np.ndarray, z: int, step: int) -> None:
+        """Carry an intensity correction to z + step, ...: on each slice the wand's region that overlaps the
+        previous slice's correction, until none does, it more than doubles, or an anchor / the box's range ends."""
+        z += step
+        while 0 <= z < self.shape[0] and z not in state.anchors:
+            if state.boxed and not state.low <= z <= state.high:
+                break
+            old = state.masks[z]
+            carried = wand.region(self.imgs[z], old, kind, edit)
+            if not carried.any() or carried.sum() > MAX_GROWTH * edit.sum() + 20:
+                break
+            if (carried & edit).sum() < MIN_OVERLAP * min(carried.sum(), edit.sum()):
+                break  # barely touching the last slice's correction: another part of the image
+            if old.any() and carried.sum() > MAX_CARRIED_CHANGE * old.sum():
+                break  # a slice grows or shrinks by more than half: the correction has left the error it fixes
             edit = carried
             state.masks[z] = old | edit if kind == "fg" else old & ~edit
             if kind == "fg":
@@ -307,14 +395,42 @@ class Segmenter:
             state.low = z + 1
 
 
-def collapse(states: Sequence[ClassState | None], shape: tuple[int, int, int]) -> np.ndarray:
-    """Per-class masks -> `segs` (value k + 1 for class k); where classes overlap the smaller structure wins,
-    since a large neighbour's mask spilling onto a small one is the usual overlap."""
+def collapse(states: Sequence[ClassState | None], shape: tuple[int, int, int],
+             clicks: Sequence[Sequence] = ()) -> np.ndarray:
+    """Per-class masks -> `segs` (value k + 1 for class k). Where classes overlap the smaller structure (by its
+    box step, so that an overlap does not change hands as clicks resize the masks) wins, since a large
+    neighbour's mask spilling onto a small one is the usual overlap, except where the user said otherwise: a foreground click of class k on a voxel another class holds gives k the part of that overlap
+    connected to the click (`clicks[k]`: class k's (kind, (z, y, x)) clicks in order)."""
     segs = np.zeros(shape, dtype=np.uint8)
-    present = [(int(s.masks.sum()), k) for k, s in enumerate(states) if s is not None]
+    present = [(s.masks.sum() if s.size is None else s.size, k) for k, s in enumerate(states) if s is not None]
     for _, k in sorted(present, reverse=True):
         segs[states[k].masks] = k + 1
+    for k, class_clicks in enumerate(clicks):
+        for kind, point in class_clicks:
+            point = tuple(point)
+            if kind != "fg" or states[k] is None or not states[k].masks[point] or segs[point] in (0, k + 1):
+                continue
+            _claim(segs, states[k].masks & (segs == segs[point]), point, k + 1)
     return segs
+
+
+def _claim(segs: np.ndarray, held: np.ndarray, point: tuple[int, int, int], value: int) -> None:
+    """Give `value` the 2D component of `held` at `point`, and slice by slice the components that overlap the
+    previous slice's claim while they do not more than double it (the same rule that carries a correction)."""
+    z = point[0]
+    components, _ = connected_components(held[z])
+    claim = components == components[point[1:]]
+    segs[z][claim] = value
+    for step in (1, -1):
+        previous, zz = claim, z + step
+        while 0 <= zz < segs.shape[0]:
+            components, _ = connected_components(held[zz])
+            hit = np.unique(components[previous & held[zz]])
+            current = np.isin(components, hit[hit > 0])
+            if not current.any() or current.sum() > MAX_GROWTH * previous.sum() + 20:
+                break
+            segs[zz][current] = value
+            previous, zz = current, zz + step
 
 
 def ordered_clicks(case: ChallengeCase, k: int) -> list[tuple[str, POINT]]:
