@@ -271,10 +271,10 @@ class Segmenter:
         if kind == "bg":  # only around the click: a negative click made the model drop whole organ parts
             edit &= self._reach(old, y, x)
         wand = None
-        if not edit.any():  # the model would not change the clicked pixel: the region of the click's intensity
+        if not edit.any() or kind == "bg":  # the model ignored the click, or removes: the click's intensity region
             wand = Wand.at(self.imgs[z], old, kind, y, x)
-            edit = wand.region(self.imgs[z], old, kind, seed) if wand is not None else edit
-            wand = wand if edit.any() else None
+            region = wand.region(self.imgs[z], old, kind, seed) if wand is not None else edit
+            edit, wand = (region, wand) if region.any() else (edit, None)
         if not edit.any():  # nor does the intensity single out a region: change the click and its 4 neighbours
             edit = self._cross(old.shape, y, x) & (~old if kind == "fg" else old)
         state.anchors.add(z)
