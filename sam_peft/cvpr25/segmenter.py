@@ -7,8 +7,9 @@ measuring per-slice Dice against the distance to the middle slice (benchmarks/cv
 
 Click step: the clicked slice is decoded again from its mask (as a mask prompt), its box and all its
 clicks, and only the part of the change connected to the click is kept (a background click removes only
-around itself). Where the model ignores the click (a vertebra's disc or spinal canal kept inside its mask)
-the click's intensity region (`Wand`) is taken instead, where it differs enough from the other side. The
+around itself). A background click, and a foreground click the model ignores, take the click's intensity
+region (`Wand`) instead where it differs enough from the other side: asked to drop a vertebra's disc or
+spinal canal, the model drops bone with it or nothing. The
 correction is then carried slice by slice while the neighbour's change overlaps the previous slice's and
 changes less than half of its mask, within the 3D box's slice range. A foreground click where the structure is absent
 extends it from there; a background click that empties its slice ends the structure there; without a box
@@ -125,8 +126,8 @@ class ClassState:
 
 @dataclass
 class Wand:
-    """A click's intensity region, for clicks the 2D model ignores (a vertebra's disc or spinal canal kept
-    inside its mask, a process left out): the pixels whose intensity is nearer the click's than the
+    """A click's intensity region, for clicks the 2D model answers badly (a vertebra's disc or spinal canal
+    kept inside its mask, a process left out): the pixels whose intensity is nearer the click's than the
     other side's (the mask for a background click, the background around it for a foreground one), within
     a disk of `WAND_REACH` times the region's thickness at the click."""
 
@@ -249,7 +250,8 @@ class Segmenter:
 
         The clicked slice is decoded from its mask's box (reaching the click) and all its clicks; of the
         difference to the old mask only the part connected to the click is taken (added for a foreground
-        click, removed for a background one), so a click changes what it points at and nothing else."""
+        click, removed for a background one), so a click changes what it points at and nothing else. A
+        background click, or a foreground one the model ignores, takes the `Wand` region where there is one."""
         z, y, x = point
         if state is None:
             if kind != "fg":
