@@ -9,11 +9,11 @@ Click step: the clicked slice is decoded again from its mask (as a mask prompt),
 clicks, and only the part of the change connected to the click is kept (a background click removes only
 around itself). A background click, and a foreground click the model ignores, take the click's intensity
 region (`Wand`) instead where it differs enough from the other side: asked to drop a vertebra's disc or
-spinal canal, the model drops bone with it or nothing. The
-correction is then carried slice by slice while the neighbour's change overlaps the previous slice's and
-changes less than half of its mask, within the 3D box's slice range. A foreground click where the structure is absent
-extends it from there; a background click that empties its slice ends the structure there; without a box
-the first foreground click starts the structure. Clicks are replayed in order, so a fresh process reaches
+spinal canal, the model drops bone with it or nothing. The correction is then carried slice by slice while
+the neighbour's change overlaps the previous slice's and changes less than half of its mask, within the 3D
+box's slice range. A foreground click where the structure is absent extends it from there; a background
+click that empties its slice ends the structure there; without a box the first foreground click starts the
+structure. Clicks are replayed in order, so a fresh process reaches
 the same masks; the per-class masks are also kept on disk to skip the replay. Classes are merged into one
 label volume by `collapse`, where a foreground click also settles who owns an overlap.
 
@@ -272,11 +272,13 @@ class Segmenter:
                 break
         if kind == "bg":  # only around the click: a negative click made the model drop whole organ parts
             edit &= self._reach(old, y, x)
-        wand = None
-        if not edit.any() or kind == "bg":  # the model ignored the click, or removes: the click's intensity region
-            wand = Wand.at(self.imgs[z], old, kind, y, x)
-            region = wand.region(self.imgs[z], old, kind, seed) if wand is not None else edit
-            edit, wand = (region, wand) if region.any() else (edit, None)
+        # the model ignored the click, or removes (it drops bone with a disc): the click's intensity region
+        wand = Wand.at(self.imgs[z], old, kind, y, x) if kind == "bg" or not edit.any() else None
+        region = None if wand is None else wand.region(self.imgs[z], old, kind, seed)
+        if region is not None and region.any():
+            edit = region
+        else:
+            wand = None
         if not edit.any():  # nor does the intensity single out a region: change the click and its 4 neighbours
             edit = self._cross(old.shape, y, x) & (~old if kind == "fg" else old)
         state.anchors.add(z)
@@ -285,11 +287,12 @@ class Segmenter:
             self._cut(state, z)
             return state
         state.low, state.high = min(state.low, z), max(state.high, z)
+        if wand is not None:
+            propose = self._wand_change(kind, wand)
+        else:
+            propose = self._model_change(kind, self._reach(old, y, x) if kind == "bg" else None)
         for step in (1, -1):
-            if wand is not None:
-                self._carry_wand(state, kind, wand, edit, z, step)
-            else:
-                self._carry_edit(state, kind, edit, z, step, self._reach(old, y, x) if kind == "bg" else None)
+            self._carry_correction(state, kind, edit, z, step, propose)
         return state
 
     @staticmethod
@@ -330,34 +333,25 @@ class Segmenter:
         hit = np.unique(components[seed & changed])
         return np.isin(components, hit[hit > 0])
 
-    def _carry_edit(self, state: ClassState, kind: str, edit: np.ndarray, z: int, step: int,
-                    reach: np.ndarray | None) -> None:
+    def _carry_correction(self, state: ClassState, kind: str, edit: np.ndarray, z: int, step: int,
+                          propose) -> None:
         """Carry a click's correction to z + step, z + 2 step, ... while the same correction shows there:
-        each slice is decoded towards it (its mask's box and a click inside the previous slice's change) and
-        keeps the changed part that overlaps the previous slice's change; it ends where none does, at an
+        `propose(z, old, edit)` gives slice z's change from the previous slice's `edit`. It ends where the
+        change is empty, more than doubles, or adds or removes more than half of the slice's mask, at an
         anchor, at the end of a 3D box's slice range (the box spans the structure) or of the volume, or,
         extending a structure past its slices, where the new slice shares under half of the last one's
-        pixels. `reach`: where a background correction may remove."""
+        pixels."""
         z += step
         while 0 <= z < self.shape[0] and z not in state.anchors:
             if state.boxed and not state.low <= z <= state.high:
                 break
             old = state.masks[z]
-            if kind == "fg":
-                new = self.segment(z, mask_box(old | edit, self.margin), [inner_point(edit)]).mask
-            else:
-                target = old & edit
-                if not target.any():
-                    break
-                new = self.segment(z, mask_box(old, self.margin), (), [inner_point(target)]).mask
-            carried = self._edit(kind, old, new, edit)
-            if reach is not None:
-                carried &= reach
+            carried = propose(z, old, edit)
             if not carried.any() or carried.sum() > MAX_GROWTH * edit.sum() + 20:
                 break
             if old.any() and carried.sum() > MAX_CARRIED_CHANGE * old.sum():
                 break  # a slice grows or shrinks by more than half: the correction has left the error it fixes
-            if not old.any() and (carried & edit).sum() < MIN_OVERLAP * min(carried.sum(), edit.sum()):
+            if not old.any() and not _continues(carried, edit):
                 break  # extending past the structure: the new slice must continue the last one
             edit = carried
             state.masks[z] = old | edit if kind == "fg" else old & ~edit
@@ -365,26 +359,31 @@ class Segmenter:
                 state.low, state.high = min(state.low, z), max(state.high, z)
             z += step
 
-    def _carry_wand(self, state: ClassState, kind: str, wand: "Wand", edit: np.ndarray, z: int, step: int) -> None:
-        """Carry an intensity correction to z + step, ...: on each slice the wand's region that overlaps the
-        previous slice's correction, until none does, it more than doubles, or an anchor / the box's range ends."""
-        z += step
-        while 0 <= z < self.shape[0] and z not in state.anchors:
-            if state.boxed and not state.low <= z <= state.high:
-                break
-            old = state.masks[z]
-            carried = wand.region(self.imgs[z], old, kind, edit)
-            if not carried.any() or carried.sum() > MAX_GROWTH * edit.sum() + 20:
-                break
-            if (carried & edit).sum() < MIN_OVERLAP * min(carried.sum(), edit.sum()):
-                break  # barely touching the last slice's correction: another part of the image
-            if old.any() and carried.sum() > MAX_CARRIED_CHANGE * old.sum():
-                break  # a slice grows or shrinks by more than half: the correction has left the error it fixes
-            edit = carried
-            state.masks[z] = old | edit if kind == "fg" else old & ~edit
+    def _model_change(self, kind: str, reach: np.ndarray | None):
+        """Proposes a slice's change by decoding it towards the correction (its mask's box and a click inside
+        the previous slice's change) and keeping the changed part that overlaps that change; `reach`: where a
+        background correction may remove."""
+        def propose(z: int, old: np.ndarray, edit: np.ndarray) -> np.ndarray:
             if kind == "fg":
-                state.low, state.high = min(state.low, z), max(state.high, z)
-            z += step
+                new = self.segment(z, mask_box(old | edit, self.margin), [inner_point(edit)]).mask
+            else:
+                target = old & edit
+                if not target.any():
+                    return target
+                new = self.segment(z, mask_box(old, self.margin), (), [inner_point(target)]).mask
+            carried = self._edit(kind, old, new, edit)
+            return carried if reach is None else carried & reach
+
+        return propose
+
+    def _wand_change(self, kind: str, wand: Wand):
+        """Proposes a slice's change as the wand's region that overlaps the previous slice's change (by at least
+        half of the smaller: barely touching it is another part of the image)."""
+        def propose(z: int, old: np.ndarray, edit: np.ndarray) -> np.ndarray:
+            carried = wand.region(self.imgs[z], old, kind, edit)
+            return carried if _continues(carried, edit) else np.zeros_like(carried)
+
+        return propose
 
     def _cut(self, state: ClassState, z: int) -> None:
         """Remove slice z and everything beyond it, away from the structure's first anchor."""
@@ -397,12 +396,18 @@ class Segmenter:
             state.low = z + 1
 
 
+def _continues(change: np.ndarray, previous: np.ndarray) -> bool:
+    """Whether a slice's change overlaps the previous slice's by at least `MIN_OVERLAP` of the smaller."""
+    return (change & previous).sum() >= MIN_OVERLAP * min(change.sum(), previous.sum())
+
+
 def collapse(states: Sequence[ClassState | None], shape: tuple[int, int, int],
              clicks: Sequence[Sequence] = ()) -> np.ndarray:
     """Per-class masks -> `segs` (value k + 1 for class k). Where classes overlap the smaller structure (by its
     box step, so that an overlap does not change hands as clicks resize the masks) wins, since a large
-    neighbour's mask spilling onto a small one is the usual overlap, except where the user said otherwise: a foreground click of class k on a voxel another class holds gives k the part of that overlap
-    connected to the click (`clicks[k]`: class k's (kind, (z, y, x)) clicks in order)."""
+    neighbour's mask spilling onto a small one is the usual overlap, except where the user said otherwise: a
+    foreground click of class k on a voxel another class holds gives k the part of that overlap connected to
+    the click (`clicks[k]`: class k's (kind, (z, y, x)) clicks in order)."""
     segs = np.zeros(shape, dtype=np.uint8)
     present = [(s.masks.sum() if s.size is None else s.size, k) for k, s in enumerate(states) if s is not None]
     for _, k in sorted(present, reverse=True):
