@@ -100,6 +100,12 @@ def inner_point(mask: np.ndarray) -> np.ndarray:
     return np.array([x, y], dtype=np.float64)
 
 
+def disk(shape: tuple[int, int], y: int, x: int, radius: float) -> np.ndarray:
+    """The pixels of a `shape` image within `radius` of (y, x)."""
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(dice_from_counts((a & b).sum(), a.sum(), b.sum()))
 
@@ -141,7 +147,7 @@ class Wand:
         """The wand of a click at (y, x), or None where the two sides' intensities are too close to tell."""
         image = image.astype(np.float64)
         value = float(np.median(image[max(0, y - 1): y + 2, max(0, x - 1): x + 2]))
-        other = cls._disk(old.shape, y, x, WAND_NEAR) & (old if kind == "bg" else ~old)  # what stays as it is
+        other = disk(old.shape, y, x, WAND_NEAR) & (old if kind == "bg" else ~old)  # what stays as it is
         other &= np.abs(image - value) > WAND_MIN_CONTRAST
         if other.sum() < 5:
             return None
@@ -158,15 +164,10 @@ class Wand:
         image = np.asarray(image, dtype=np.float64)
         return image >= self.threshold if self.value >= self.threshold else image < self.threshold
 
-    @staticmethod
-    def _disk(shape: tuple[int, int], y: int, x: int, radius: float) -> np.ndarray:
-        yy, xx = np.ogrid[: shape[0], : shape[1]]
-        return (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
-
     def region(self, image: np.ndarray, old: np.ndarray, kind: str, touching: np.ndarray) -> np.ndarray:
         """The wand's connected region on a slice (with its mask `old`) that meets `touching`."""
         candidate = self._similar(image) & (old if kind == "bg" else ~old)
-        candidate &= self._disk(old.shape, *self.centre, self.radius)
+        candidate &= disk(old.shape, *self.centre, self.radius)
         components, _ = connected_components(candidate)
         hit = np.unique(components[touching & candidate])
         return np.isin(components, hit[hit > 0])
@@ -290,7 +291,8 @@ class Segmenter:
         if wand is not None:
             propose = self._wand_change(kind, wand)
         else:
-            propose = self._model_change(kind, self._reach(old, y, x) if kind == "bg" else None)
+            # (`old` views the state: the carried removal's reach is measured on the slice after the click)
+            propose = self._model_change(kind, self._reach(state.masks[z], y, x) if kind == "bg" else None)
         for step in (1, -1):
             self._carry_correction(state, kind, edit, z, step, propose)
         return state
@@ -300,8 +302,7 @@ class Segmenter:
         """Where a background click may remove: a disk around it 1.5 times its distance to the mask's edge
         (the over-segmented part it sits in is about that thick), at least 2 px."""
         depth = distance_transform_edt(np.pad(old, 1))[1 + y, 1 + x]
-        yy, xx = np.ogrid[: old.shape[0], : old.shape[1]]
-        return (yy - y) ** 2 + (xx - x) ** 2 <= max(2.0, 1.5 * depth) ** 2
+        return disk(old.shape, y, x, max(2.0, 1.5 * depth))
 
     @staticmethod
     def _cross(shape: tuple[int, int], y: int, x: int) -> np.ndarray:
