@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 
-
-from ..data.prepare import WINDOWS, parse_window
+from ..data.options import WINDOWS, parse_window
 from ..evaluation.cli import add_model_arguments, load_model
-from ..models import DEFAULT_ADAPTER, DEFAULT_MODEL
-from .state import MAX_UPLOAD_MB, AppModel
+from ..models.options import DEFAULT_ADAPTER, DEFAULT_MODEL
+from .options import MAX_UPLOAD_MB
+
+if typing.TYPE_CHECKING:
+    from .state import AppModel
 
 
 def add_app_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,6 +35,8 @@ def add_app_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_app_model(args: argparse.Namespace) -> AppModel:
     """The base, with --adapter, or by default the bundled adapter for that base when it is installed."""
+    from .state import AppModel
+
     model, adapter = load_model(args)
     if adapter:
         note = f"{args.model} + adapter {adapter}"

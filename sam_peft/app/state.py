@@ -32,12 +32,12 @@ from ..data.readers import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES, Volume, read_volum
 from ..evaluation.predictor import MultiOrganPredictor, Prediction
 from ..evaluation.volume import output_ids, predict_volume, save_labels
 from ..models import SamInputProcessor, processor_for
+from .options import MAX_UPLOAD_MB
 
 EXAMPLE_CT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalseg_ct" / "example_ct.nii.gz"
 VIEW_WINDOWS = ("abdomen", "liver", "lung", "bone")
 MODES = ("positive click", "negative click", "box corner")
 UPLOAD_SUFFIXES = (*NIFTI_SUFFIXES, ".zip", *IMAGE_2D_SUFFIXES)
-MAX_UPLOAD_MB = 512
 MAX_VOXELS = 512 * 512 * 2048  # a decompressed volume beyond this would not fit a session's memory
 MAX_ENCODED_SLICES = 256  # embeddings kept per session (LiteMedSAM: 4 MB each)
 DISPLAY_SIDE = 640  # slices are drawn at least this large, so the browser only ever shrinks them

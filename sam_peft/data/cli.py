@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import collections
 
-from .phantom import PHANTOM_LAYOUTS, write_phantom
-from .prepare import MODALITIES, PLANES, WINDOWS, Window, parse_window, prepare, read_metadata
+from .options import MODALITIES, PHANTOM_LAYOUTS, PLANES, WINDOWS, Window, parse_window
 
 
 def window_option(text: str) -> Window:
@@ -56,6 +55,8 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
+    from .prepare import prepare, read_metadata
+
     dataset = prepare(
         args.images, args.labels, output=args.output, overwrite=args.overwrite, num_proc=args.num_proc,
         label_map=args.label_map, window=args.window, modality=args.modality, planes=args.planes,
@@ -99,5 +100,7 @@ def add_phantom_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_phantom(args: argparse.Namespace) -> None:
+    from .phantom import write_phantom
+
     output = write_phantom(args.output, args.cases, args.seed, layout=args.layout, overwrite=args.overwrite)
     print(f"wrote {args.cases} phantom cases to {output}")

@@ -23,11 +23,11 @@ from datasets import DatasetDict
 from scipy import ndimage
 
 from .label_maps import PRESETS
+from .options import PHANTOM_LAYOUTS
 from .prepare import VolumeCase, claim_output, prepare_volumes, publish
 from .readers import Volume, display_affine, reorient
 
 FLARE22_IDS = {name: i for i, name in PRESETS["flare22"].items()}
-PHANTOM_LAYOUTS = ("nnunet", "synapse")
 
 
 @dataclass

@@ -35,7 +35,6 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from datasets import Array2D, Dataset, DatasetDict, Features, Sequence as ListOf, Value, load_from_disk
@@ -46,6 +45,7 @@ from tqdm.auto import tqdm
 from ..io import UNREADABLE
 from .label_maps import PRESET_HELP, LabelMap, load_label_map, organ_key
 from .layouts import Case, detect_layout, discover_cases, read_dataset_labels
+from .options import MODALITIES, PLANES, Window, parse_window
 from .readers import Volume, read_volume, to_display
 
 logger = logging.getLogger(__name__)
@@ -56,44 +56,8 @@ TOTALSEGMENTATOR_TASKS = {"totalsegmentator": "ct", "totalsegmentator_mr": "mr"}
 SINGLE_CASE_HINT = (" With one case, prepare without --val-fraction / --test-fraction and use its train split: "
                     "`sam-peft evaluate --split train`, `sam-peft train --val-split train` (scores on slices the "
                     "model trained on, not on held-out ones)")
-PLANES = ("axial", "coronal", "sagittal")
-MODALITIES = ("auto", "ct", "mr")
 MR_PERCENTILES = (0.5, 99.5)
 _WRITER_BATCH = 64  # rows buffered before an Arrow write: bounds memory for 512x512 slices
-
-
-class Window(NamedTuple):
-    """A CT display window in Hounsfield units."""
-
-    level: float
-    width: float
-    name: str = "custom"
-
-
-WINDOWS = {
-    "abdomen": Window(40, 400, "abdomen"),
-    "soft_tissue": Window(50, 350, "soft_tissue"),
-    "liver": Window(60, 160, "liver"),
-    "bone": Window(400, 1800, "bone"),
-    "lung": Window(-600, 1500, "lung"),
-    "brain": Window(40, 80, "brain"),
-}
-
-
-def parse_window(spec: str | Sequence[float] | Window) -> Window:
-    """A preset name (`WINDOWS`), `"level,width"`, or a (level, width) pair."""
-    if isinstance(spec, Window):
-        return spec
-    if isinstance(spec, str):
-        if spec.lower() in WINDOWS:
-            return WINDOWS[spec.lower()]
-        try:
-            spec = [float(part) for part in spec.split(",")]
-        except ValueError:
-            spec = []
-    if len(spec) != 2 or not (math.isfinite(spec[0]) and 0 < spec[1] < math.inf):
-        raise ValueError(f"window must be one of {', '.join(WINDOWS)} or 'level,width' with width > 0, got {spec!r}")
-    return Window(float(spec[0]), float(spec[1]))
 
 
 @dataclass

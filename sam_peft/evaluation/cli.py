@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
+import typing
 
 from ..cvpr25.cli import add_protocol_arguments, run_protocol
 from ..data.cli import window_option
-from ..data.prepare import WINDOWS, check_writable, load_prepared
+from ..data.options import WINDOWS
 from ..io import reading
-from ..models import DEFAULT_ADAPTER, DEFAULT_MODEL, default_adapter_for, load_adapter, load_base_model
-from .evaluate import EVAL_BEHAVIOURS, evaluate
-from .metrics import EVAL_MIN_PIXELS
-from .volume import predict_volume
+from ..models.options import DEFAULT_ADAPTER, DEFAULT_MODEL
+from .options import EVAL_BEHAVIOURS, EVAL_MIN_PIXELS
+
+if typing.TYPE_CHECKING:
+    import torch
 
 
 def bounded(kind: type, low: float | None = None, high: float | None = None):
@@ -31,8 +31,20 @@ def bounded(kind: type, low: float | None = None, high: float | None = None):
     return parse
 
 
+class _CudaWhenAvailable(str):
+    """The type of --device's default: `parse_device` reads it as cuda when torch sees a GPU, else cpu. Resolved
+    when the options are parsed, so that building the parser (and --help) imports no torch."""
+
+
+DEFAULT_DEVICE = _CudaWhenAvailable("cuda when available")
+
+
 def parse_device(name: str) -> torch.device:
     """A torch device this machine can use; anything else is an argparse error naming --device."""
+    import torch
+
+    if isinstance(name, _CudaWhenAvailable):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -44,6 +56,8 @@ def parse_device(name: str) -> torch.device:
 
 
 def _device_problem(device: torch.device) -> str | None:
+    import torch
+
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
@@ -77,13 +91,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, bundled_default: bool =
     parser.add_argument("--box-prompts", choices=("adapter", "base"), default=None,
                         help="what answers a prompt that is only a box: the adapter, or the base with the adapter "
                         "off (default: the adapter's own choice; the bundled adapter answers boxes with the base)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=parse_device,
+    parser.add_argument("--device", default=DEFAULT_DEVICE, type=parse_device,
                         help="torch device to run on: cpu, cuda, cuda:1, mps (default: cuda when available)")
 
 
 def chosen_adapter(args: argparse.Namespace) -> str | None:
     """--adapter, else (without --no-adapter) the base's bundled adapter when installed, else None."""
     if args.adapter is None and not getattr(args, "no_adapter", True):
+        from ..models import default_adapter_for
+
         return default_adapter_for(args.model)
     return args.adapter
 
@@ -101,6 +117,8 @@ def describe_model(args: argparse.Namespace) -> str:
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str | None]:
     """The base with `chosen_adapter`, on --device; returns the model and the adapter used. The adapter's
     name is kept on the model (`sam_peft_adapter`) so that `evaluate` records which adapter it scored."""
+    from ..models import load_adapter, load_base_model
+
     with reading(f"--model {args.model}"):
         model = load_base_model(args.model)
     adapter = chosen_adapter(args)
@@ -143,6 +161,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> None:
     if args.protocol == "cvpr25":
         return run_protocol(args)
+    from ..data.prepare import check_writable, load_prepared
+    from .evaluate import evaluate
+
     check_writable(args.output, "--output")
     data = load_prepared(args.data)  # before the model: a wrong path fails fast
     if args.split not in data:
@@ -194,6 +215,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from .volume import predict_volume
+
     print(f"model: {describe_model(args)}")
     info = predict_volume(lambda: load_model(args)[0], args.input, args.prompts, args.label_map, args.output,
                           window=args.window, modality=args.modality, propagate=args.propagate,

@@ -38,13 +38,13 @@ from ..models.loading import processor_for
 from ..names import did_you_mean
 from ..prompts.behaviours import make_prompt
 from ..prompts.clicks import PERFECT, next_clicks
-from .metrics import EVAL_MIN_PIXELS, clicks_to_reach, dice_counts, dice_from_counts, iou_from_counts, surface_dice
+from .metrics import clicks_to_reach, dice_counts, dice_from_counts, iou_from_counts, surface_dice
+from .options import EVAL_BEHAVIOURS, EVAL_MIN_PIXELS
 from .predictor import decode_prompts, stack_prompts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-EVAL_BEHAVIOURS = ("tight_box", "jitter_box", "loose_box", "center_click", "random_click", "clicks_3", "clicks_5")
 SINGLE_PROMPT_BEHAVIOURS = EVAL_BEHAVIOURS[:5]  # the human-factor spread compares these
 CLICK_SERIES = {"center_click": 1, "clicks_3": 3, "clicks_5": 5}  # the click of the series each one scores
 NOC_THRESHOLDS = {"85": 0.85, "90": 0.90}

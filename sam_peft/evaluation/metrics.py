@@ -12,8 +12,6 @@ import numpy as np
 import torch
 from scipy.ndimage import binary_erosion, distance_transform_edt
 
-EVAL_MIN_PIXELS = 100  # an organ instance is evaluated on a slice from this many pixels
-
 
 def dice_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bool (..., H, W) masks -> (intersection, predicted, target) pixel counts (...): what Dice sums up."""

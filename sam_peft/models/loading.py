@@ -16,11 +16,11 @@ from pathlib import Path
 from transformers import SamImageProcessor, SamModel
 
 from .checkpoints import load_meta_checkpoint
+from .options import DEFAULT_MODEL
 from .processor import _PIL_FILTERS, KNOWN_PREPROCESSING, LITEMEDSAM_PROCESSOR, SamInputProcessor, from_hf_preprocessor_config
 from .tinyvit import LiteMedSamModel
 
 BUILTIN_MODELS = ("litemedsam",)
-DEFAULT_MODEL = "litemedsam"
 # Hub ids whose preprocessing is known from the authors' code. The table wins over the repository's own
 # preprocessor_config.json: wanglab/medsam-vit-base ships SAM's ImageNet config, not what MedSAM was trained on.
 KNOWN_HUB_BASES = {

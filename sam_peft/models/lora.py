@@ -24,27 +24,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import SamModel
 
 from .loading import check_safetensors, hf_image_processor, load_base_model, looks_like_hub_id, processor_for, read_json
+from .options import HEADS, PRESETS
 from .processor import SamInputProcessor
 
-# Module-name regexes (peft matches a string target_modules with re.fullmatch on the full name).
-_DECODER = r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)"
-_ENCODER = r"vision_encoder\..*attn\.qkv"  # ViT blocks and TinyViT attention alike
-PRESETS = {
-    "decoder": _DECODER,
-    "encoder": _ENCODER,
-    "encoder+decoder": f"({_ENCODER})|({_DECODER})",
-}
-# Small heads trainable in full. Never `prompt_encoder`: wrapping it unties the shared positional embedding.
-HEADS = {
-    "iou": ["iou_prediction_head"],
-    "hypernetworks": [f"output_hypernetworks_mlps.{i}" for i in range(4)],
-}
 SAM_PEFT_FILE = "sam_peft.json"
 BOX_PROMPT_ROUTES = ("adapter", "base")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapters shipped as package data: name -> the base they were trained on.
 BUNDLED_ADAPTERS = {"litemedsam-phpg": "litemedsam"}
-DEFAULT_ADAPTER = "litemedsam-phpg"
 ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
 
 

@@ -16,6 +16,7 @@ import torch
 from scipy.ndimage import distance_transform_edt
 
 from .clicks import distance_transform
+from .options import BEHAVIOURS
 
 POSITIVE, NEGATIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 1, 0, 2, 3
 JITTER_SD = 0.1  # of the box side
@@ -141,7 +142,7 @@ def _multi_click(mask: Mask, rng: Rng, neighbours: Mask, scale: float) -> Prompt
     return _click_prompt(np.concatenate([positives, negatives]), labels, w)
 
 
-# name -> (behaviour, the most prompt tokens it emits)
+# name -> (behaviour, the most prompt tokens it emits), for each of `BEHAVIOURS` (options.py) in its order
 _BEHAVIOURS: dict[str, tuple[Callable[..., Prompt], int]] = {
     "tight_box": (_tight_box, 2),
     "jitter_box": (_jitter_box, 2),
@@ -152,7 +153,7 @@ _BEHAVIOURS: dict[str, tuple[Callable[..., Prompt], int]] = {
     "boundary_click": (_boundary_click, 1),
     "multi_click": (_multi_click, MULTI_POSITIVES[1] + MULTI_NEGATIVES[1]),
 }
-BEHAVIOURS: tuple[str, ...] = tuple(_BEHAVIOURS)
+assert tuple(_BEHAVIOURS) == BEHAVIOURS, "options.BEHAVIOURS names the behaviours defined here, in this order"
 
 
 def _check_names(names: Iterable[str]) -> None:

@@ -15,8 +15,7 @@ import torch
 from ..models.decoding import PAD_LABEL
 from ..models.processor import LOW_RES, SamInputProcessor
 from .behaviours import BEHAVIOURS, BehaviourMixture, make_prompt
-
-MIN_PIXELS = 10  # pixels an organ needs on a slice to be prompted in training (evaluation: EVAL_MIN_PIXELS)
+from .options import MIN_PIXELS
 
 
 class PHPGCollator:

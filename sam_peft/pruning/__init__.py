@@ -1,5 +1,17 @@
-"""Dynamic data pruning for training: the CBDP sampler and its baselines."""
-from .cbdp import BUDGETS, STRATEGIES, CBDPSampler
-from .policy import MAX_WEIGHT, ORGAN_FLOOR
+"""Dynamic data pruning for training: the CBDP sampler and its baselines.
 
-__all__ = ["BUDGETS", "MAX_WEIGHT", "ORGAN_FLOOR", "STRATEGIES", "CBDPSampler"]
+Names import their module on first use."""
+from __future__ import annotations
+
+import typing
+
+from .._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "CBDPSampler": ".cbdp",
+    **dict.fromkeys(["BUDGETS", "MAX_WEIGHT", "ORGAN_FLOOR", "STRATEGIES"], ".policy"),
+})
+
+if typing.TYPE_CHECKING:
+    from .cbdp import CBDPSampler
+    from .policy import BUDGETS, MAX_WEIGHT, ORGAN_FLOOR, STRATEGIES

@@ -19,11 +19,8 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from ..prompts.behaviours import BEHAVIOURS
-from .policy import (MAX_WEIGHT, ORGAN_FLOOR, cbdp_probabilities, draw, fold_scores, infobatch_probabilities,
-                     slice_difficulty)
-
-STRATEGIES = ("none", "random", "infobatch", "cbdp")
-BUDGETS = ("pool", "dataset")
+from .policy import (BUDGETS, MAX_WEIGHT, ORGAN_FLOOR, STRATEGIES, cbdp_probabilities, draw, fold_scores,
+                     infobatch_probabilities, slice_difficulty)
 
 # Random streams, one per purpose; seeds are always (seed, epoch, purpose), since numpy's SeedSequence
 # treats a trailing zero as absent and [s, e] would collide with [s, e, 0].

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+STRATEGIES = ("none", "random", "infobatch", "cbdp")
+BUDGETS = ("pool", "dataset")
 MAX_WEIGHT = 5.0
 ORGAN_FLOOR = 0.5
 

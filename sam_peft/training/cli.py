@@ -108,11 +108,11 @@ def _yaml_mapping(text: str) -> dict | None:
 
 
 def run_train(argv: list[str]) -> None:
+    config, args = parse_train_args(argv)  # before the heavy imports: --help and bad options answer at once
     from accelerate.utils import is_tensorboard_available
 
     from .trainer import train
 
-    config, args = parse_train_args(argv)
     if config.log_with == "tensorboard" and not is_tensorboard_available():  # accelerate would drop it silently
         print("sam-peft train: warning: tensorboard is not installed, so this run logs no training curves; "
               "pip install 'sam_peft[tensorboard]', or --log-with none to run without them", file=sys.stderr)

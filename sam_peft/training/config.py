@@ -20,11 +20,11 @@ from typing import Literal
 import yaml
 from transformers.hf_argparser import HfArg
 
-from ..models.lora import HEADS, PRESETS
+from ..evaluation.options import EVAL_BEHAVIOURS
+from ..models.options import HEADS, PRESETS
 from ..names import did_you_mean
-from ..prompts.behaviours import BEHAVIOURS
-from ..prompts.collator import MIN_PIXELS
-from ..pruning import BUDGETS, MAX_WEIGHT, ORGAN_FLOOR, STRATEGIES
+from ..prompts.options import BEHAVIOURS, MIN_PIXELS
+from ..pruning.policy import BUDGETS, MAX_WEIGHT, ORGAN_FLOOR, STRATEGIES
 
 LORA_PRESETS = tuple(PRESETS)
 
@@ -142,8 +142,6 @@ class TrainConfig:
 
         Also converts numbers written as strings (YAML 1.1 reads `1e-4` as one), so a config edited after
         construction is checked again when `train` starts."""
-        from ..evaluation.evaluate import EVAL_BEHAVIOURS
-
         for key, value in self.check_settings(self.to_dict()).items():
             setattr(self, key, value)
         checks = [

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data import read_metadata
-from ..evaluation.metrics import EVAL_MIN_PIXELS
+from ..evaluation.options import EVAL_MIN_PIXELS
 from ..models import processor_for
 
 protocol = importlib.import_module("sam_peft.evaluation.evaluate")  # the module (the package exports the function)
