@@ -1,7 +1,8 @@
 """The CVPR 2025 interactive 3D protocol on the shared CT: the case, the propagation study, the protocol run.
 
 1. Writes the CT (TotalSegmentator labels) as a challenge case: every labelled abdominal structure
-   (ABDOMINAL below) with >= 1000 voxels, boxes as the organisers' get_boxes.py draws them.
+   (ABDOMINAL below) with >= 1000 voxels, boxes as the organisers' get_boxes.py draws them (--no-boxes: a
+   clicks-only case; --scan mr: the shared MR, every labelled structure with >= 1000 voxels).
 2. Propagation study (--study): for each class, the box step with every propagation variant (what one
    slice passes to the next: its mask's box, + its low-res logits as mask prompt, + a point inside it),
    per-slice Dice against the distance to the box's middle slice, and the per-slice tight-box Dice (each
@@ -9,6 +10,8 @@
 3. Protocol (--protocol): `sam-peft evaluate --protocol cvpr25`, each of the six steps a fresh process.
 
     OMP_NUM_THREADS=1 python benchmarks/cvpr25_protocol.py --output runs/cvpr25 --protocol --study
+    OMP_NUM_THREADS=1 python benchmarks/cvpr25_protocol.py --output runs/cvpr25_noboxes --protocol --no-boxes
+    OMP_NUM_THREADS=1 python benchmarks/cvpr25_protocol.py --output runs/cvpr25_mr --protocol --scan mr [--no-boxes]
 
 Embeddings are cached under OUTPUT/protocol/cache (shared by the study and the protocol run). The CT is the patient
 the bundled adapter was trained on: these numbers are not a generalisation claim.
@@ -34,14 +37,18 @@ ABDOMINAL = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "s
              "adrenal_gland_right", "adrenal_gland_left", "small_bowel", "duodenum", "colon", "aorta",
              "inferior_vena_cava", "portal_vein_and_splenic_vein", "vertebrae_L1", "vertebrae_L2", "vertebrae_L3",
              "vertebrae_L4", "vertebrae_L5")
+# scan -> image, labels, label map, structures kept (None: every labelled one)
+SCANS = {"ct": ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "totalsegmentator", ABDOMINAL),
+         "mr": ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "totalsegmentator_mr", None)}
 BINS = ((0, 0), (1, 2), (3, 5), (6, 10), (11, 20), (21, 1000))
 
 
-def write_case(data: Path, output: Path) -> Path:
+def write_case(data: Path, output: Path, scan: str = "ct", boxes: bool = True) -> Path:
     from sam_peft.cvpr25 import write_cases
 
-    [path] = write_cases(data / "example_ct.nii.gz", data / "example_seg_fast_force_split.nii.gz",
-                         output / "cases", organs=ABDOMINAL, min_voxels=1000)
+    image, labels, label_map, organs = SCANS[scan]
+    [path] = write_cases(data / image, data / labels, output / "cases", label_map, organs, min_voxels=1000,
+                         boxes=boxes)
     return path
 
 
@@ -114,7 +121,9 @@ def protocol(output: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="folder with example_ct.nii.gz and its labels")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with the shared CT and MR and their labels")
+    parser.add_argument("--scan", default="ct", choices=tuple(SCANS), help="which of them (default: ct)")
+    parser.add_argument("--no-boxes", dest="boxes", action="store_false", help="a clicks-only case")
     parser.add_argument("--output", type=Path, default=Path("runs/cvpr25"))
     parser.add_argument("--adapter", default="litemedsam-phpg")
     parser.add_argument("--study", action="store_true", help="run the propagation study")
@@ -122,8 +131,10 @@ def main() -> None:
                         help="propagation variants of the study (default: all)")
     parser.add_argument("--protocol", action="store_true", help="run the six-step protocol")
     args = parser.parse_args()
+    if args.study and not args.boxes:
+        parser.error("--study propagates boxes: it needs a case with boxes (drop --no-boxes)")
     torch.set_num_threads(1)
-    path = write_case(args.data, args.output)
+    path = write_case(args.data, args.output, args.scan, args.boxes)
     print(f"case written to {path}")
     if args.study:
         study(path, args.output, args.adapter, tuple(args.variants))

@@ -19,7 +19,7 @@ from .format import ChallengeCase, read_case, write_segmentation
 from .options import DEFAULT_PROPAGATION, Propagation, propagation_for
 from .segmenter import ClassState, EmbeddingCache, Segmenter, collapse, content_key, ordered_clicks
 
-STATE_VERSION = 5  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
+STATE_VERSION = 6  # bump when the segmenter changes what a click does: saved masks of older rules are not reused
 
 
 def _check_clicks(case: ChallengeCase) -> None:
@@ -107,7 +107,7 @@ def run_challenge(inputs: str | Path, outputs: str | Path, model, model_id: str,
             raise ValueError(f"{file}: neither 'boxes' nor 'clicks': nothing says what to segment")
         folder = None if cache is None else cache / content_key(case.imgs, model_id)
         embeddings = EmbeddingCache(predictor, case.imgs, None if folder is None else folder / "embeddings")
-        segmenter = Segmenter(predictor, embeddings, case.imgs.shape, propagation)
+        segmenter = Segmenter(predictor, embeddings, case.imgs.shape, propagation, case.spacing)
         state_file = None if folder is None else folder / f"states-v{STATE_VERSION}-{propagation}.npz"
         saved = _load_states(state_file, case.imgs.shape) if state_file is not None else ([], [])
         states, applied = segment_case(case, segmenter, saved)

@@ -13,9 +13,13 @@ spinal canal, the model drops bone with it or nothing. The correction is then ca
 the neighbour's change overlaps the previous slice's and changes less than half of its mask, within the 3D
 box's slice range. A foreground click where the structure is absent extends it from there; a background
 click that empties its slice ends the structure there; without a box the first foreground click starts the
-structure. Clicks are replayed in order, so a fresh process reaches
-the same masks; the per-class masks are also kept on disk to skip the replay. Classes are merged into one
-label volume by `collapse`, where a foreground click also settles who owns an overlap.
+structure. Onto slices without the structure a correction is carried at most as many slices as the structure
+is deep (in mm) at the click: the evaluator clicks the centre of what is missing, which reaches about that far
+every way, while a 2D model carried on unchecked drifts into a neighbour for the rest of the volume (which
+later clicks barely undo); a missing end draws the next foreground click instead. Clicks are replayed in
+order, so a fresh process reaches the same masks; the per-class masks are also kept on disk to skip the
+replay. Classes are merged into one label volume by `collapse`, where a foreground click also settles who owns
+an overlap.
 
 Image embeddings are computed once per slice and case and kept on disk (`EmbeddingCache`), keyed by the
 hash of the image volume and the model, because each challenge step is a new process.
@@ -45,6 +49,7 @@ MAX_GROWTH = 2.0  # a carried correction larger than this times the previous sli
 MAX_ADDITION = 1.0  # a foreground click adds at most this times the slice's mask (at least 50 px)
 MAX_CARRIED_CHANGE = 0.5  # a carried correction adds or removes at most this share of a neighbour's mask
 MIN_OVERLAP = 0.5  # of the smaller of two consecutive slices' masks, for an extension to go on
+EXTENSION_REACH = 1.0  # onto slices without the structure: at most this times its depth at the click
 WAND_MIN_CONTRAST = 20.0  # intensity steps (of 255) between a click and the other side for the wand to act
 WAND_NEAR = 13.0  # px: the other side's intensity is read within this distance of the click
 WAND_REACH = 3.0  # a wand region stays within this times its thickness at the click
@@ -177,10 +182,11 @@ class Segmenter:
     """3D box and click interaction for every class of one case (see the module docstring)."""
 
     def __init__(self, predictor: MultiOrganPredictor, embeddings: EmbeddingCache, shape: tuple[int, int, int],
-                 propagation: Propagation = "box"):
+                 propagation: Propagation = "box", spacing: Sequence[float] = (1.0, 1.0, 1.0)):
         if propagation not in PROPAGATION:
             raise ValueError(f"propagation must be one of {PROPAGATION}, got {propagation!r}")
         self.predictor, self.embeddings, self.shape = predictor, embeddings, shape
+        self.spacing = tuple(float(s) for s in spacing)
         self.imgs = embeddings.imgs
         self.propagation = propagation
         self.margin = PROPAGATION_MARGIN * max(shape[1:]) / 1024
@@ -265,9 +271,10 @@ class Segmenter:
         bg = [(px, py) for pz, py, px in clicks["bg"] if pz == z]
         box = mask_box(old | seed, self.margin) if old.any() else None
         edit = np.zeros_like(old)
+        limit = MAX_ADDITION * max(self._area_near(state, z), 50)
         for prompt in self._click_prompts(z, old, box):
             edit = self._edit(kind, old, self.segment(z, fg=fg, bg=bg, **prompt).mask, seed)
-            if kind == "fg" and edit.sum() > MAX_ADDITION * max(old.sum(), 50):
+            if kind == "fg" and edit.sum() > limit:
                 edit[:] = False  # more than the slice's mask again: a leak, not the missed part
             if edit.any():
                 break
@@ -293,16 +300,26 @@ class Segmenter:
         else:
             # (`old` views the state: the carried removal's reach is measured on the slice after the click)
             propose = self._model_change(kind, self._reach(state.masks[z], y, x) if kind == "bg" else None)
+        reach = EXTENSION_REACH * _depth(edit, y, x) * self.spacing[1] / self.spacing[0]
         for step in (1, -1):
-            self._carry_correction(state, kind, edit, z, step, propose)
+            self._carry_correction(state, kind, edit, z, step, propose, reach)
+        if state.size is None:
+            state.size = int(state.masks.sum())  # a clicks-only structure's first extent orders overlaps
         return state
+
+    @staticmethod
+    def _area_near(state: ClassState, z: int) -> float:
+        """The mask area of the slice nearest to z that holds the structure (z itself where it does): the size
+        a foreground click's addition is checked against; inf before the structure's first voxel."""
+        areas = state.masks.sum(axis=(1, 2))
+        held = np.nonzero(areas)[0]
+        return float(areas[held[np.abs(held - z).argmin()]]) if len(held) else float("inf")
 
     @staticmethod
     def _reach(old: np.ndarray, y: int, x: int) -> np.ndarray:
         """Where a background click may remove: a disk around it 1.5 times its distance to the mask's edge
         (the over-segmented part it sits in is about that thick), at least 2 px."""
-        depth = distance_transform_edt(np.pad(old, 1))[1 + y, 1 + x]
-        return disk(old.shape, y, x, max(2.0, 1.5 * depth))
+        return disk(old.shape, y, x, max(2.0, 1.5 * _depth(old, y, x)))
 
     @staticmethod
     def _cross(shape: tuple[int, int], y: int, x: int) -> np.ndarray:
@@ -335,14 +352,14 @@ class Segmenter:
         return np.isin(components, hit[hit > 0])
 
     def _carry_correction(self, state: ClassState, kind: str, edit: np.ndarray, z: int, step: int,
-                          propose) -> None:
+                          propose, reach: float = float("inf")) -> None:
         """Carry a click's correction to z + step, z + 2 step, ... while the same correction shows there:
         `propose(z, old, edit)` gives slice z's change from the previous slice's `edit`. It ends where the
         change is empty, more than doubles, or adds or removes more than half of the slice's mask, at an
         anchor, at the end of a 3D box's slice range (the box spans the structure) or of the volume, or,
         extending a structure past its slices, where the new slice shares under half of the last one's
-        pixels."""
-        z += step
+        pixels, or farther than `reach` slices from the click."""
+        start, z = z, z + step
         while 0 <= z < self.shape[0] and z not in state.anchors:
             if state.boxed and not state.low <= z <= state.high:
                 break
@@ -352,8 +369,8 @@ class Segmenter:
                 break
             if old.any() and carried.sum() > MAX_CARRIED_CHANGE * old.sum():
                 break  # a slice grows or shrinks by more than half: the correction has left the error it fixes
-            if not old.any() and not _continues(carried, edit):
-                break  # extending past the structure: the new slice must continue the last one
+            if not old.any() and (not _continues(carried, edit) or abs(z - start) > reach):
+                break  # extending past the structure: the new slice must continue the last one, not far away
             edit = carried
             state.masks[z] = old | edit if kind == "fg" else old & ~edit
             if kind == "fg":
@@ -395,6 +412,11 @@ class Segmenter:
         elif z < centre:
             state.masks[: z + 1] = False
             state.low = z + 1
+
+
+def _depth(mask: np.ndarray, y: int, x: int) -> float:
+    """Distance (px) from (y, x) to the edge of `mask`."""
+    return float(distance_transform_edt(np.pad(mask, 1))[1 + y, 1 + x])
 
 
 def _continues(change: np.ndarray, previous: np.ndarray) -> bool:
