@@ -64,6 +64,9 @@ def test_case_files_refuse_bad_input(tmp_path):
     write_npz(tmp_path / "no_spacing.npz", imgs=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="no_spacing.npz.*'imgs' and 'spacing'"):
         read_case(tmp_path / "no_spacing.npz")
+    write_npz(tmp_path / "flat.npz", imgs=np.zeros((2, 4, 4), np.uint8), spacing=np.array([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"flat.npz: 'spacing' must hold 3 positive voxel sizes \(mm\), got \(0.0"):
+        read_case(tmp_path / "flat.npz")
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="broken.npz: cannot be read"):
         read_case(tmp_path / "broken.npz")

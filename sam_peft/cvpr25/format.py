@@ -74,8 +74,8 @@ def read_case(path: str | Path) -> ChallengeCase:
     if imgs.ndim != 3:
         raise ValueError(f"{path}: 'imgs' must be (D, H, W), got shape {imgs.shape}")
     spacing = tuple(float(s) for s in np.asarray(fields["spacing"], dtype=np.float64).ravel())
-    if len(spacing) != 3:
-        raise ValueError(f"{path}: 'spacing' must hold 3 numbers, got {spacing}")
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"{path}: 'spacing' must hold 3 positive voxel sizes (mm), got {spacing}")
     boxes = _object(fields.get("boxes"))
     if boxes is not None:
         if not all(isinstance(b, Mapping) and set(BOX_KEYS) <= set(b) for b in boxes):
