@@ -46,7 +46,7 @@ from .options import PROPAGATION, Propagation
 
 CLICK_PROMPT = os.environ.get("SAMPEFT_CLICK_PROMPT", "mask")
 MAX_GROWTH = 2.0  # a carried correction larger than this times the previous slice's (+ 20 px) has leaked
-MAX_ADDITION = 1.0  # a foreground click adds at most this times the slice's mask (at least 50 px)
+MAX_ADDITION = 1.0  # a foreground click adds at most this times the mask of its slice (or the nearest one), >= 50 px
 MAX_CARRIED_CHANGE = 0.5  # a carried correction adds or removes at most this share of a neighbour's mask
 MIN_OVERLAP = 0.5  # of the smaller of two consecutive slices' masks, for an extension to go on
 EXTENSION_REACH = 1.0  # onto slices without the structure: at most this times its depth at the click
@@ -111,6 +111,11 @@ def disk(shape: tuple[int, int], y: int, x: int, radius: float) -> np.ndarray:
     return (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
 
 
+def _depth(mask: np.ndarray, y: int, x: int) -> float:
+    """Distance (px) from (y, x) to the edge of `mask`."""
+    return float(distance_transform_edt(np.pad(mask, 1))[1 + y, 1 + x])
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(dice_from_counts((a & b).sum(), a.sum(), b.sum()))
 
@@ -160,8 +165,7 @@ class Wand:
         inside = wand._similar(image) & (old if kind == "bg" else ~old)
         if not inside[y, x]:
             return None
-        thickness = distance_transform_edt(np.pad(inside, 1))[1 + y, 1 + x]
-        wand.radius = max(3.0, WAND_REACH * thickness)
+        wand.radius = max(3.0, WAND_REACH * _depth(inside, y, x))
         return wand
 
     def _similar(self, image: np.ndarray) -> np.ndarray:
@@ -412,11 +416,6 @@ class Segmenter:
         elif z < centre:
             state.masks[: z + 1] = False
             state.low = z + 1
-
-
-def _depth(mask: np.ndarray, y: int, x: int) -> float:
-    """Distance (px) from (y, x) to the edge of `mask`."""
-    return float(distance_transform_edt(np.pad(mask, 1))[1 + y, 1 + x])
 
 
 def _continues(change: np.ndarray, previous: np.ndarray) -> bool:
